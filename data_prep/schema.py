@@ -1,0 +1,67 @@
+"""The on-disk contract between prep, train and predict: shard schema and manifest.
+
+Shard format version 1 (DESIGN.md): one row per image, raw RGB uint8 pixels of
+image_size x image_size x 3, row-major, in the `image` column.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+SHARD_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+QUARANTINE = "quarantine.csv"
+TRAIN, VAL, UNLABELED = "train", "val", "data"  # shard subfolders
+UNLABELED_LABEL = -1
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("orig_height", pa.int32(), nullable=False),
+        pa.field("orig_width", pa.int32(), nullable=False),
+    ],
+    metadata={b"cnnflow.shard_format_version": str(SHARD_FORMAT_VERSION).encode()},
+)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for a local path or any URI pyarrow knows (s3://...)."""
+    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def write_json(uri: str, payload: dict[str, Any]) -> None:
+    fs, path = resolve(uri)
+    with fs.open_output_stream(path) as out:
+        out.write(json.dumps(payload, indent=2, sort_keys=False).encode() + b"\n")
+
+
+def read_json(uri: str) -> dict[str, Any]:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as src:
+        return json.loads(src.read())
+
+
+def read_manifest(data_dir: str) -> dict[str, Any]:
+    """The manifest of a `cnnflow prep` output; a clear error if DATA is not one."""
+    try:
+        manifest = read_json(join(data_dir, MANIFEST))
+    except (FileNotFoundError, OSError) as exc:
+        raise FileNotFoundError(
+            f"{data_dir} is not a `cnnflow prep` output (no {MANIFEST}: {exc}); "
+            f"run `cnnflow prep IMAGES {data_dir}` first"
+        ) from None
+    version = manifest.get("format_version")
+    if version != SHARD_FORMAT_VERSION:
+        raise ValueError(f"{data_dir}: shard format {version}, this cnnflow reads {SHARD_FORMAT_VERSION}")
+    return manifest

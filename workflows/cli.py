@@ -1,0 +1,143 @@
+"""The `cnnflow` command line, generated from the typed configs in `workflows/config.py`.
+
+Each subcommand is one config class plus one `run(config)` function in its stage module,
+imported only when that subcommand runs, so that `cnnflow --help` stays fast (importing
+Ray and PyTorch costs seconds). `python -m workflows.<stage>` calls `main_for(stage)`.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, Literal
+
+import click
+from click.core import ParameterSource
+
+from workflows import config as cfg
+from workflows.errors import CnnflowError, NotBuiltYet
+
+# subcommand -> (config class, "module:function" that runs it)
+COMMANDS: dict[str, tuple[type, str]] = {
+    "prep": (cfg.PrepConfig, "workflows.prep:run"),
+    "train": (cfg.TrainConfig, "workflows.train:run"),
+    "predict": (cfg.PredictConfig, "workflows.predict:run"),
+    "promote": (cfg.PromoteConfig, "workflows.promote:run"),
+    "summary": (cfg.SummaryConfig, "workflows.summary:run"),
+    "runs": (cfg.RunsConfig, "workflows.runs:run"),
+    "demo": (cfg.DemoConfig, "workflows.demo:run"),
+}
+
+# What a user can fix themselves: shown as one line, without a traceback unless --debug.
+USER_ERRORS = (CnnflowError, cfg.ConfigError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def _click_type(hint: Any) -> Any:
+    import types
+    import typing
+
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is Literal:
+        return click.Choice([str(a) for a in typing.get_args(hint)])
+    return {int: click.INT, float: click.FLOAT, str: click.STRING}.get(hint, click.STRING)
+
+
+def _params(config_cls: type) -> list[click.Parameter]:
+    params: list[click.Parameter] = []
+    for f, hint in cfg.config_fields(config_cls):
+        help_text = f.metadata.get("help", "")
+        flag = "--" + f.name.replace("_", "-")
+        if f.metadata.get("positional"):
+            params.append(click.Argument([f.name], type=_click_type(hint)))
+        elif hint is bool:
+            decls = [f"{flag}/--no-{flag[2:]}"] if f.default else [flag]
+            params.append(click.Option([*decls, f.name], is_flag=True, default=f.default, show_default=f.default is True, help=help_text))
+        else:
+            params.append(
+                click.Option(
+                    [flag, f.name],
+                    type=_click_type(hint),
+                    default=f.default,
+                    show_default=f.default is not None,
+                    help=help_text,
+                )
+            )
+    params.append(
+        click.Option(
+            ["--config", "config_file"],
+            type=click.Path(exists=True, dir_okay=False),
+            help="YAML file of option: value; the command line wins over it.",
+        )
+    )
+    return params
+
+
+def resolve_config(config_cls: type, ctx: click.Context, values: dict[str, Any]) -> Any:
+    """defaults < YAML < the options actually typed on the command line."""
+    config_file = values.pop("config_file", None)
+    typed = {
+        name: value
+        for name, value in values.items()
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+    }
+    if config_file:
+        return cfg.load_config(config_cls, config_file, **typed)
+    return cfg.make_config(config_cls, values, source="the command line")
+
+
+def _runner(target: str) -> Callable[[Any], Any]:
+    module_name, function = target.split(":")
+    return getattr(importlib.import_module(module_name), function)
+
+
+def _make_command(name: str, config_cls: type, target: str) -> click.Command:
+    def callback(**values: Any) -> None:
+        ctx = click.get_current_context()
+        debug = ctx.find_root().params.get("debug", False)
+        try:
+            config = resolve_config(config_cls, ctx, values)
+            result = _runner(target)(config)
+        except NotBuiltYet as exc:
+            click.echo(f"cnnflow {name}: not built yet ({exc})", err=True)
+            ctx.exit(2)
+        except USER_ERRORS as exc:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        ctx.exit(result if isinstance(result, int) else 0)
+
+    doc = (config_cls.__doc__ or "").strip()
+    return click.Command(name, callback=callback, params=_params(config_cls), help=doc, short_help=doc.split("\n")[0])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.version_option(package_name="cnnflow")
+def cli(debug: bool) -> None:
+    """cnnflow: image folders -> Parquet shards -> a trained, registered CNN -> predictions.
+
+    On a laptop it needs no setup: a local Ray, MLflow in ./mlflow.db (MLFLOW_TRACKING_URI
+    overrides it), local folders. On a cluster, set RAY_ADDRESS or submit with `ray job submit`.
+    """
+
+
+for _name, (_cls, _target) in COMMANDS.items():
+    cli.add_command(_make_command(_name, _cls, _target))
+
+
+def main() -> None:
+    cli(prog_name="cnnflow")
+
+
+def main_for(stage: str) -> None:
+    """`python -m workflows.<stage> ARGS` == `cnnflow <stage> ARGS` (for `ray job submit`)."""
+    args = sys.argv[1:]
+    debug = ["--debug"] if "--debug" in args else []
+    args = [a for a in args if a != "--debug"]
+    cli(args=[*debug, stage, *args], prog_name="python -m workflows")

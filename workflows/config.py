@@ -1,0 +1,269 @@
+"""Every option of every command, with its default and help, in one typed place.
+
+The CLI (`workflows/cli.py`) is generated from these dataclasses, YAML files given with
+`--config` are checked against them, and the resolved config is what gets logged to
+MLflow. Precedence: defaults < YAML < command line. Paths have no defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default: `mlflow ui` there shows it
+DEFAULT_EXPERIMENT = "cnnflow"
+CHAMPION_ALIAS = "champion"
+
+ResizeMode = Literal["squash", "crop", "pad"]
+OptimizerName = Literal["adamw", "sgd"]
+OutputFormat = Literal["parquet", "csv"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used as given; the message says what is allowed."""
+
+
+def positional(help: str) -> Any:
+    """A required argument (a path or a name): no default, by design."""
+    return field(metadata={"help": help, "positional": True})
+
+
+def option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+@dataclass(kw_only=True)
+class RayOptions:
+    address: str | None = option(
+        None, "Ray cluster to connect to (default: RAY_ADDRESS, else a new local Ray)."
+    )
+    num_cpus: int | None = option(
+        None, "CPUs a new local Ray may use (default: all); ignored on a cluster."
+    )
+
+
+@dataclass(kw_only=True)
+class PrepConfig(RayOptions):
+    """Turn an image folder into resized Parquet shards, a manifest and a quality report."""
+
+    input: str = positional("Image folder or URI (s3://...), one subfolder per class.")
+    output: str = positional("Output folder or URI for shards, manifest.json and report.json.")
+    image_size: int = option(128, "Side of the square images written, in pixels.")
+    resize: ResizeMode = option(
+        "squash",
+        "How to make images square: squash (stretch), crop (centre) or pad (letterbox).",
+    )
+    val_fraction: float = option(0.2, "Share of each class held out for validation.")
+    seed: int = option(0, "Seed of the path hash that decides each file's split.")
+    labels: str = option(
+        "folder",
+        "Where labels come from: folder (top-level subfolder), regex:PATTERN "
+        "(first group matched on the file name) or csv:FILE (rows path,label).",
+    )
+    unlabeled: bool = option(False, "Input has no labels: any nesting, label -1, no split.")
+    rows_per_shard: int = option(2048, "Images per Parquet file.")
+
+    def __post_init__(self) -> None:
+        _check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        _check(self.image_size >= 8, f"image_size must be >= 8, got {self.image_size}")
+        _check(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        _check(
+            self.labels == "folder" or self.labels.startswith(("regex:", "csv:")),
+            f"labels must be folder, regex:PATTERN or csv:FILE, got {self.labels!r}",
+        )
+
+
+@dataclass(kw_only=True)
+class TrainConfig(RayOptions):
+    """Train a CNN on prepared shards with Ray Train; track it in MLflow and register it."""
+
+    data: str = positional("Folder or URI written by `cnnflow prep`.")
+    model: str = option("simple", "Architecture: seed, simple or resnet18.")
+    width: int = option(32, "simple: channels of the first stage (doubling per stage).")
+    depth: int = option(4, "simple: number of conv-pool stages.")
+    weights: str | None = option(None, "resnet18: a local torchvision state_dict to start from.")
+    epochs: int = option(10, "Passes over the training data.")
+    batch_size: int = option(64, "Images per step on each worker.")
+    lr: float = option(2e-3, "Peak learning rate (one-cycle schedule), for the global batch.")
+    optimizer: OptimizerName = option("adamw", "adamw or sgd (Nesterov momentum 0.9).")
+    weight_decay: float = option(5e-4, "Decoupled weight decay.")
+    label_smoothing: float = option(0.0, "Cross-entropy label smoothing.")
+    hflip: bool = option(True, "Random horizontal flips (turn off for digits or text).")
+    max_shift: float = option(0.125, "Random shifts, as a fraction of the image side.")
+    workers: int = option(1, "Data-parallel training workers.")
+    gpu: bool = option(False, "Give each worker one GPU (bf16 autocast, channels_last).")
+    experiment: str = option(DEFAULT_EXPERIMENT, "MLflow experiment.")
+    run_name: str | None = option(None, "MLflow run name (default: MLflow's).")
+    register_as: str | None = option(
+        None, "Registered model name (default: the data folder's name)."
+    )
+    promote: bool = option(
+        False, "Move the champion alias here if at least as accurate as the champion."
+    )
+    max_failures: int = option(2, "Worker failures to recover from (from the last checkpoint).")
+    storage: str | None = option(
+        None, "Checkpoint folder or URI, shared by all nodes (default: Ray's ~/ray_results)."
+    )
+    seed: int = option(0, "Seed for model initialisation and data order.")
+
+    def __post_init__(self) -> None:
+        _check_model(self.model)
+        for name in ("epochs", "batch_size", "workers", "width", "depth"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
+
+
+@dataclass(kw_only=True)
+class PredictConfig(RayOptions):
+    """Classify a folder of images with a registered model; write one row per file."""
+
+    input: str = positional("Image folder or URI (any layout), or a `cnnflow prep` output.")
+    output: str = positional("Output folder or URI for predictions and summary.json.")
+    model: str | None = option(
+        None,
+        "MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/...) or a "
+        "registered NAME, meaning models:/NAME@champion (default: the only registered model).",
+    )
+    batch_size: int = option(256, "Images per model call.")
+    workers: int = option(1, "Model replicas (capped so that decoding keeps CPUs).")
+    gpu: bool = option(False, "Give each replica one GPU.")
+    format: OutputFormat = option("parquet", "Output file format.")
+    overwrite: bool = option(False, "Replace predictions made by another model version.")
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+
+
+@dataclass(kw_only=True)
+class PromoteConfig:
+    """Move the champion alias to a version if it is at least as accurate as the champion."""
+
+    name: str = positional("Registered model name.")
+    version: int | None = option(None, "Candidate version (default: the latest).")
+    data: str | None = option(
+        None, "Prepared data whose validation split decides (default: the candidate's)."
+    )
+
+
+@dataclass(kw_only=True)
+class SummaryConfig:
+    """Print a model's layers: output shapes, weights, biases and totals."""
+
+    model: str = option("seed", "Architecture: seed, simple or resnet18.")
+    image_size: int = option(300, "Input side in pixels.")
+    num_classes: int = option(2, "Output classes (1: a single logit, as the tutorial).")
+    width: int = option(32, "simple: channels of the first stage.")
+    depth: int = option(4, "simple: number of conv-pool stages.")
+
+    def __post_init__(self) -> None:
+        _check_model(self.model)
+
+
+@dataclass(kw_only=True)
+class RunsConfig:
+    """Show an experiment's runs side by side."""
+
+    experiment: str = option(DEFAULT_EXPERIMENT, "MLflow experiment.")
+    max_runs: int = option(20, "Most recent runs to show.")
+
+
+@dataclass(kw_only=True)
+class DemoConfig(RayOptions):
+    """The whole flow on scikit-learn's handwritten digits: prep, two runs, promote, predict."""
+
+    workdir: str = option("cnnflow-demo", "Folder for the demo's images, shards and predictions.")
+    fresh: bool = option(False, "Start clean instead of reusing what is already done.")
+
+
+def model_options(config: TrainConfig | SummaryConfig) -> dict[str, Any]:
+    """The model-specific constructor arguments a config carries for its model."""
+    if config.model == "simple":
+        return {"width": config.width, "depth": config.depth}
+    if config.model == "resnet18" and getattr(config, "weights", None):
+        return {"weights_path": config.weights}
+    return {}
+
+
+# --- building configs from mappings (YAML, the CLI) -------------------------------------
+
+
+def _check_model(name: str) -> None:
+    from cnn.models import MODELS
+
+    _check(name in MODELS, f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """Check one value against its type hint; accept what YAML naturally gives."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(name, args[0], value)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        _check(value in allowed, f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if hint is bool:
+        _check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        _check(isinstance(value, (str, Path)), f"{name} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def config_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def make_config(cls: type, values: dict[str, Any], source: str = "config") -> Any:
+    """Build `cls` from a mapping; an unknown key is an error that lists the valid ones."""
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    fields = config_fields(cls)
+    valid = [f.name for f, _ in fields]
+    unknown = sorted(set(values) - set(valid))
+    _check(not unknown, f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {source}; valid keys: {', '.join(valid)}")
+    missing = [f.name for f, _ in fields if f.metadata.get("positional") and values.get(f.name) is None]
+    _check(not missing, f"missing {', '.join(missing)} in {source}")
+    hints = dict((f.name, hint) for f, hint in fields)
+    return cls(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    _check(isinstance(data, dict), f"{path} must hold a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type, path: str | Path, **overrides: Any) -> Any:
+    """YAML file, then keyword overrides (the command line) on top."""
+    return make_config(cls, {**read_yaml(path), **overrides}, source=str(path))
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,15 @@
+"""`cnnflow promote` (DESIGN.md). Placeholder until issue 4 lands."""
+from __future__ import annotations
+
+from workflows.config import PromoteConfig
+from workflows.errors import NotBuiltYet
+
+
+def run(config: PromoteConfig) -> int:
+    raise NotBuiltYet("issue 4")
+
+
+if __name__ == "__main__":
+    from workflows.cli import main_for
+
+    main_for("promote")

@@ -1,0 +1,20 @@
+"""`cnnflow summary`: the Keras-style layer table of a model."""
+from __future__ import annotations
+
+import click
+
+from cnn.models import ModelSpec, build_model
+from cnn.summary import summarize
+from workflows.config import SummaryConfig, model_options
+
+
+def run(config: SummaryConfig) -> int:
+    spec = ModelSpec(config.model, config.num_classes, config.image_size, model_options(config))
+    click.echo(summarize(build_model(spec), config.image_size).table())
+    return 0
+
+
+if __name__ == "__main__":
+    from workflows.cli import main_for
+
+    main_for("summary")
