@@ -1,0 +1,129 @@
+"""The model registry, the summary's figures, forward passes and weight round-trips."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from cnn.models import MODELS, ModelSpec, build_model, model_from_state, model_state
+from cnn.summary import expected_shape, summarize
+from cnn.transforms import BatchAugment, Normalize
+
+
+def test_registry_knows_the_three_models() -> None:
+    assert set(MODELS) == {"seed", "simple", "resnet18"}
+
+
+def test_unknown_model_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="known models: resnet18, seed, simple"):
+        build_model(ModelSpec("vgg", 2, 64))
+
+
+@pytest.mark.parametrize(("num_classes", "total"), [(2, 438_842), (1, 219_801)])
+def test_seed_summary_matches_the_tutorial(num_classes: int, total: int) -> None:
+    summary = summarize(build_model(ModelSpec("seed", num_classes, 300)), 300)
+    assert summary.total == total
+    conv, _, pool, flatten, dense = summary.rows
+    assert conv.output_shape == (10, 296, 296)  # (300 - 5 + 0) / 1 + 1
+    assert (conv.weights, conv.biases) == (3 * 10 * 5 * 5, 10)
+    assert pool.output_shape == (10, 148, 148)
+    assert flatten.output_shape == (10 * 148 * 148,)
+    assert (dense.weights, dense.biases) == (10 * 148 * 148 * num_classes, num_classes)
+    table = summary.table()
+    assert f"Total params: {total:,}" in table
+    assert "(None, 10, 296, 296)" in table
+
+
+def test_shape_formula_handles_stride_padding_and_ceil() -> None:
+    conv = torch.nn.Conv2d(3, 8, kernel_size=3, stride=2, padding=1)
+    assert expected_shape(conv, (3, 33, 20)) == (8, 17, 10)
+    pool = torch.nn.MaxPool2d(3, stride=2, ceil_mode=True)
+    assert expected_shape(pool, (8, 10, 10)) == tuple(pool(torch.zeros(1, 8, 10, 10)).shape[1:])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("size", [32, 64])
+def test_forward_pass_at_two_sizes(name: str, size: int) -> None:
+    model = build_model(ModelSpec(name, 3, size)).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, size, size))
+    assert logits.shape == (2, 3)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_weights_round_trip_without_unpickling_code(name: str) -> None:
+    spec = ModelSpec(name, 4, 32)
+    model = build_model(spec).eval()
+    buf = io.BytesIO()
+    torch.save(model_state(model, spec), buf)
+    buf.seek(0)
+    restored, restored_spec = model_from_state(torch.load(buf, weights_only=True))
+    restored.eval()
+    assert restored_spec == spec
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x))
+
+
+def test_model_options_travel_with_the_weights() -> None:
+    spec = ModelSpec("simple", 2, 32, {"width": 8, "depth": 2})
+    model = build_model(spec)
+    restored, _ = model_from_state(model_state(model, spec))
+    assert sum(p.numel() for p in restored.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_resnet18_starts_from_a_local_weights_file(tmp_path) -> None:
+    donor = build_model(ModelSpec("resnet18", 1000, 32))
+    path = tmp_path / "resnet18.pth"
+    torch.save(donor.state_dict(), path)
+    spec = ModelSpec("resnet18", 5, 32, {"weights_path": str(path)})
+    model = build_model(spec)
+    torch.testing.assert_close(model.conv1.weight, donor.conv1.weight)
+    assert model.fc.out_features == 5
+    # Rebuilt from its own weights, it no longer needs the starting file.
+    path.unlink()
+    restored, _ = model_from_state(model_state(model, spec))
+    torch.testing.assert_close(restored.conv1.weight, model.conv1.weight)
+
+
+def test_initialisation_is_explicit_and_seeded() -> None:
+    torch.manual_seed(0)
+    a = build_model(ModelSpec("simple", 2, 32))
+    torch.manual_seed(0)
+    b = build_model(ModelSpec("simple", 2, 32))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)
+    linear = a[-1]
+    assert torch.count_nonzero(linear.bias) == 0
+
+
+def test_normalize_maps_mean_to_zero_and_keeps_layout() -> None:
+    pixels = torch.full((2, 4, 4, 3), 128, dtype=torch.uint8)
+    norm = Normalize(mean=[128 / 255] * 3, std=[0.5] * 3, channels_last=True)
+    out = norm(pixels)
+    assert out.shape == (2, 3, 4, 4)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, torch.zeros_like(out), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="uint8"):
+        norm(pixels.float())
+
+
+def test_augment_flips_and_shifts_only_in_training() -> None:
+    torch.manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    augment = BatchAugment(hflip=True, max_shift=0.25)
+    assert torch.equal(augment.eval()(x), x)
+    out = augment.train()(x)
+    assert out.shape == x.shape
+    assert not torch.equal(out, x)
+    # A pure shift moves pixels, it does not invent values: every non-zero output value
+    # exists in the input (zeros come from the padding).
+    values = set(x.flatten().tolist())
+    assert set(out[out != 0].flatten().tolist()) <= values
+
+
+def test_augment_without_flip_or_shift_is_identity() -> None:
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(BatchAugment(hflip=False, max_shift=0.0).train()(x), x)
