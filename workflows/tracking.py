@@ -1,0 +1,347 @@
+"""The one module that talks to MLflow: runs, params, metrics, artifacts, models, registry.
+
+Everything here names its run explicitly (`run_id`), so the driver, the rank-0 training
+worker (another process, perhaps another node) and `cnnflow promote` log into the same
+run without relying on MLflow's process-global "active run". The tracking URI is made
+absolute once (a relative `sqlite:///mlflow.db` means the driver's working directory,
+not a Ray worker's) and passed to workers as a string.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.entities import Metric, RunStatus
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array
+from torch import nn
+
+from cnn.models import ModelSpec
+from workflows.config import CHAMPION_ALIAS, tracking_uri
+from workflows.errors import CnnflowError
+from workflows.pyfunc_model import (
+    PREPROCESSING,
+    WEIGHTS,
+    class_probabilities,
+    normalizer,
+    read_model_files,
+)
+
+MODEL_NAME = "model"  # the logged model's name inside its run
+FAILURE_TAG = "failure_reason"
+REGISTERED_TAG = "registered_version"  # on the run: "NAME/VERSION"
+# MLflow's "models from code": the logged model stores this file, not a pickle, and
+# loading it imports the installed cnnflow (see workflows/pyfunc_model.py for why).
+MODEL_CODE = """\
+import mlflow
+from workflows.pyfunc_model import ImageClassifier
+
+mlflow.models.set_model(ImageClassifier())
+"""
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(DataType.binary, "image")]),
+    outputs=Schema(
+        [
+            ColSpec(DataType.string, "label"),
+            ColSpec(DataType.float, "score"),
+            ColSpec(Array(DataType.float), "probabilities"),
+            ColSpec(DataType.string, "error"),
+        ]
+    ),
+)
+
+
+def resolved_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI or ./mlflow.db, with relative SQLite/file paths made absolute."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
+    if "://" not in uri:  # a plain folder, MLflow's file store
+        return os.path.abspath(uri)
+    return uri
+
+
+def use_tracking() -> str:
+    """Point MLflow's fluent API (this process) at the resolved URI and return it."""
+    uri = resolved_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    uri = uri or resolved_tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ui_hint(uri: str) -> str:
+    """How to look at the runs: the server's URL, or the `mlflow ui` command for a local store."""
+    if uri.startswith(("http://", "https://")):
+        return uri
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+# --- runs ------------------------------------------------------------------------------
+
+
+@contextmanager
+def training_run(*, experiment: str, run_name: str | None, params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[str]:
+    """Create the run before any worker starts; end it FINISHED, or FAILED with the reason.
+
+    The run is this process's active run too, so `log_model` can attach the model to it.
+    """
+    use_tracking()
+    mlflow.set_experiment(experiment)
+    run = mlflow.start_run(run_name=run_name, tags=dict(tags))
+    run_id = run.info.run_id
+    try:
+        mlflow.log_params({k: "" if v is None else v for k, v in params.items()})
+        yield run_id
+    except BaseException as exc:
+        status = RunStatus.to_string(RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED)
+        client().set_tag(run_id, FAILURE_TAG, f"{type(exc).__name__}: {exc}"[:4000])
+        mlflow.end_run(status)
+        raise
+    else:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def run_url(run_id: str, uri: str | None = None) -> str:
+    """The run's page when the store is a server; otherwise the run id is what to look for."""
+    uri = uri or resolved_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        run = client(uri).get_run(run_id)
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return run_id
+
+
+def log_epoch(uri: str, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
+    """One value per metric at step=epoch (called by rank 0 only)."""
+    now = int(time.time() * 1000)
+    client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+
+
+def logged_epochs(uri: str, run_id: str, key: str) -> set[int]:
+    """The steps already logged for `key`: what a resumed worker must not log again."""
+    return {m.step for m in client(uri).get_metric_history(run_id, key)}
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client().get_metric_history(run_id, key))
+
+
+def log_dict(run_id: str, payload: Mapping[str, Any], artifact_file: str) -> None:
+    client().log_dict(run_id, dict(payload), artifact_file)
+
+
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    client().log_text(run_id, text, artifact_file)
+
+
+def log_figure(run_id: str, figure: Any, artifact_file: str) -> None:
+    client().log_figure(run_id, figure, artifact_file)
+
+
+def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    c = client()
+    for key, value in tags.items():
+        c.set_tag(run_id, key, str(value))
+
+
+# --- models and the registry -----------------------------------------------------------
+
+
+def log_and_register_model(
+    run_id: str,
+    *,
+    state: dict[str, Any],
+    preprocessing: dict[str, Any],
+    register_as: str,
+    version_tags: Mapping[str, Any],
+) -> ModelVersion:
+    """Log the pyfunc model into the (active) run and register a new version of it."""
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != run_id:
+        raise RuntimeError("log_and_register_model must run inside training_run()")
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, prep = Path(tmp, WEIGHTS), Path(tmp, PREPROCESSING)
+        torch.save(state, weights)
+        prep.write_text(json.dumps(preprocessing, indent=2))
+        code = Path(tmp, "classifier.py")
+        code.write_text(MODEL_CODE)
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=str(code),
+            artifacts={"weights": str(weights), "preprocessing": str(prep)},
+            signature=SIGNATURE,
+            # Pinned here rather than inferred: inference loads the model in a subprocess.
+            pip_requirements=_requirements(),
+            metadata={"cnnflow_spec": state["spec"]},
+        )
+    version = mlflow.register_model(
+        info.model_uri, register_as, tags={k: str(v) for k, v in version_tags.items()}
+    )
+    set_tags(run_id, {REGISTERED_TAG: f"{register_as}/{version.version}"})
+    return version
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("mlflow", "torch", "torchvision", "numpy", "pandas", "pillow", "pyarrow")]
+
+
+def registered_names() -> list[str]:
+    return sorted(m.name for m in client().search_registered_models())
+
+
+def _registered(name: str) -> Any:
+    try:
+        return client().get_registered_model(name)
+    except MlflowException:
+        names = registered_names()
+        known = ", ".join(names) if names else "none yet (train one with `cnnflow train DATA`)"
+        raise CnnflowError(f"no registered model {name!r}; registered models: {known}") from None
+
+
+def versions(name: str) -> list[int]:
+    return sorted(int(v.version) for v in client().search_model_versions(f"name = '{name}'"))
+
+
+def get_version(name: str, version: int) -> ModelVersion:
+    return client().get_model_version(name, str(version))
+
+
+def champion(name: str) -> int | None:
+    """The version holding the `champion` alias, or None."""
+    aliases = _registered(name).aliases or {}
+    return int(aliases[CHAMPION_ALIAS]) if CHAMPION_ALIAS in aliases else None
+
+
+def set_champion(name: str, version: int) -> None:
+    client().set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
+
+
+def tag_version(name: str, version: int, tags: Mapping[str, Any]) -> None:
+    c = client()
+    for key, value in tags.items():
+        c.set_model_version_tag(name, str(version), key, str(value))
+
+
+def resolve_model_uri(model: str | None) -> str:
+    """None, NAME, models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/... -> models:/NAME/VERSION.
+
+    None means the champion of the only registered model; a bare NAME its champion.
+    Anything that does not exist is a CnnflowError that lists what does.
+    """
+    if model is None:
+        names = registered_names()
+        if not names:
+            raise CnnflowError(
+                f"no registered models in {resolved_tracking_uri()}; train one with `cnnflow train DATA`"
+            )
+        if len(names) > 1:
+            raise CnnflowError(f"several registered models ({', '.join(names)}); choose one with --model NAME")
+        return _resolve_alias(names[0], CHAMPION_ALIAS)
+    if model.startswith("runs:/"):
+        return _resolve_run(model)
+    if model.startswith("models:/"):
+        rest = model[len("models:/") :].strip("/")
+        if "@" in rest:
+            name, alias = rest.rsplit("@", 1)
+            return _resolve_alias(name, alias)
+        if "/" in rest:
+            name, version = rest.rsplit("/", 1)
+            return _resolve_version(name, version)
+        model = rest
+    if ":" in model or "/" in model:
+        raise CnnflowError(
+            f"cannot resolve model {model!r}: use NAME, models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model"
+        )
+    return _resolve_alias(model, CHAMPION_ALIAS)
+
+
+def _resolve_alias(name: str, alias: str) -> str:
+    registered = _registered(name)
+    aliases = registered.aliases or {}
+    if alias not in aliases:
+        have = ", ".join(f"@{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
+        raise CnnflowError(
+            f"model {name!r} has no alias {alias!r} (aliases: {have}; versions: "
+            f"{', '.join(map(str, versions(name))) or 'none'}); pass models:/{name}/VERSION "
+            f"or run `cnnflow promote {name}`"
+        )
+    return f"models:/{name}/{int(aliases[alias])}"
+
+
+def _resolve_version(name: str, version: str) -> str:
+    _registered(name)
+    known = versions(name)
+    if version == "latest" and known:
+        return f"models:/{name}/{known[-1]}"
+    if not version.isdigit() or int(version) not in known:
+        raise CnnflowError(
+            f"model {name!r} has no version {version!r}; versions: {', '.join(map(str, known)) or 'none'}"
+        )
+    return f"models:/{name}/{int(version)}"
+
+
+def _resolve_run(uri: str) -> str:
+    run_id = uri[len("runs:/") :].split("/")[0]
+    found = client().search_model_versions(f"run_id = '{run_id}'")
+    if not found:
+        raise CnnflowError(f"no registered model version comes from run {run_id}; predict needs a registered model")
+    mv = max(found, key=lambda v: int(v.version))
+    return f"models:/{mv.name}/{int(mv.version)}"
+
+
+def parse_model_uri(uri: str) -> tuple[str, int]:
+    """models:/NAME/VERSION -> (NAME, VERSION)."""
+    name, version = uri[len("models:/") :].rsplit("/", 1)
+    return name, int(version)
+
+
+@dataclass
+class Classifier:
+    """A registered model version, rebuilt from its weights for plain PyTorch inference."""
+
+    model: nn.Module  # eval mode, CPU
+    spec: ModelSpec
+    preprocessing: dict[str, Any]  # classes, image_size, resize, mean, std
+    uri: str  # models:/NAME/VERSION
+    name: str
+    version: int
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.preprocessing["classes"])
+
+    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) on the model's device -> (N, classes) probabilities."""
+        return class_probabilities(self.model, normalizer(self.preprocessing).to(pixels.device), pixels)
+
+
+def load_classifier(model_uri: str) -> Classifier:
+    """Any URI `resolve_model_uri` accepts -> the model, spec and preprocessing, on CPU."""
+    uri = resolve_model_uri(model_uri)
+    name, version = parse_model_uri(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=resolved_tracking_uri())
+        files = mlflow.models.Model.load(local).flavors["python_function"]["artifacts"]
+        model, spec, preprocessing = read_model_files(
+            Path(local, files["weights"]["path"]), Path(local, files["preprocessing"]["path"])
+        )
+    return Classifier(model, spec, preprocessing, uri, name, version)
