@@ -30,6 +30,7 @@ from torch import nn
 
 from cnn.models import ModelSpec, model_from_state
 from cnn.transforms import Normalize
+from data_prep.decode import UndecodableImage, decode_image
 
 WEIGHTS = "weights.pt"
 PREPROCESSING = "preprocessing.json"
@@ -68,18 +69,16 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.normalize = normalizer(self.preprocessing)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from data_prep.decode import UndecodableImage, decode_image
-
         size, resize = self.preprocessing["image_size"], self.preprocessing["resize"]
         classes = self.preprocessing["classes"]
         images, errors = [], []
         for data in model_input["image"]:
             try:
-                images.append(decode_image(data, size=size, resize=resize))
+                images.append(decode_image(data, size=size, resize=resize).pixels)
                 errors.append(None)
             except UndecodableImage as exc:  # a row with its reason, never a silent drop
                 images.append(None)
-                errors.append(str(exc))
+                errors.append(exc.reason)
         good = [i for i, img in enumerate(images) if img is not None]
         labels: list[str | None] = [None] * len(images)
         scores = np.full(len(images), np.nan, dtype=np.float32)
