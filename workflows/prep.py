@@ -1,12 +1,115 @@
-"""`cnnflow prep` (DESIGN.md). Placeholder until issue 3 lands."""
+"""`cnnflow prep INPUT OUTPUT` (DESIGN.md): image folders to Parquet shards on Ray.
+
+The job itself is `data_prep.pipeline.prepare`; this module joins Ray, shows progress
+(files done, rate, ETA) and ends with a one-screen summary.
+"""
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
 from workflows.config import PrepConfig
-from workflows.errors import NotBuiltYet
+from workflows.errors import CnnflowError
+from workflows.ray_runtime import ray_session
 
 
 def run(config: PrepConfig) -> int:
-    raise NotBuiltYet("issue 3")
+    from data_prep.pipeline import prepare  # imports Ray: only when prep runs
+    from data_prep.scan import PrepError
+
+    console = Console(stderr=True)
+    with ray_session(config), _progress(console) as progress:
+        task = progress.add_task("decoding", total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        try:
+            result = prepare(
+                config.input,
+                config.output,
+                image_size=config.image_size,
+                resize=config.resize,
+                val_fraction=config.val_fraction,
+                seed=config.seed,
+                labels=config.labels,
+                unlabeled=config.unlabeled,
+                rows_per_shard=config.rows_per_shard,
+                options=dataclasses.asdict(config),
+                on_progress=on_progress,
+            )
+        except PrepError as exc:
+            raise CnnflowError(str(exc)) from None
+    print_summary(Console(), result.manifest, result.report)
+    return 0
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]prep[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.0f} files/s" if task.speed else "", style="cyan")
+
+
+def print_summary(console: Console, manifest: dict[str, Any], report: dict[str, Any]) -> None:
+    """Counts per class and split, what was left out and why, and where the output is."""
+    counts, n = manifest["counts"], report["counts"]
+    table = Table(title=f"cnnflow prep: {report['output']}", title_justify="left")
+    if manifest["labeled"]:
+        table.add_column("class")
+        table.add_column("train", justify="right")
+        table.add_column("val", justify="right")
+        for name in manifest["classes"]:
+            table.add_row(name, str(counts["train"][name]), str(counts["val"][name]))
+        rows = manifest["num_rows"]
+        table.add_row("[bold]total", f"[bold]{rows['train']}", f"[bold]{rows['val']}")
+    else:
+        table.add_column("unlabeled images", justify="right")
+        table.add_row(str(counts["data"]))
+    console.print(table)
+    console.print(
+        f"scanned {n['scanned']} = written {n['written']} + skipped {n['skipped']} "
+        f"+ quarantined {n['quarantined']}   "
+        f"({report['seconds']:.1f} s, {report['images_per_second'] or 0:.0f} images/s)"
+    )
+    console.print(
+        f"{manifest['image_size']} px, {manifest['resize']}; mean {manifest['mean']} std {manifest['std']}; "
+        f"EXIF-rotated {report['exif_transposed']}, duplicates {len(report['duplicates'])} "
+        f"({report['duplicate_conflicts']} under two classes)"
+    )
+    for row in report["quarantined"][:5]:
+        console.print(f"  [red]quarantined[/] {row['path']}: {row['reason']}")
+    if len(report["quarantined"]) > 5:
+        console.print(f"  ... and {len(report['quarantined']) - 5} more in quarantine.csv")
+    for note in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {note}")
+    console.print(f"output: {report['output']}  (manifest.json, report.json, quarantine.csv)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,246 @@
+"""Listing an image folder (local or any pyarrow URI), labelling files and splitting them.
+
+Everything here runs in the driver and reads only names, never image bytes: a few
+bytes per file. Every listed file ends up either in `Scan.files` (to be decoded) or in
+`Scan.skipped` with a reason, so the accounting can be checked later.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import pyarrow.fs as pafs
+
+from data_prep.decode import IMAGE_EXTENSIONS
+from data_prep.schema import TRAIN, UNLABELED, UNLABELED_LABEL, VAL, join, resolve
+
+HIDDEN_NAMES = frozenset({"__MACOSX"})  # macOS zip residue, alongside dot-files
+
+
+class PrepError(ValueError):
+    """Input that cannot be prepared: the message says what was found and what to do."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str  # relative to INPUT, forward slashes
+    label: int  # index into Scan.classes; -1 when unlabeled
+    split: str  # train, val or data
+
+
+@dataclass
+class Scan:
+    input: str  # absolute path or URI
+    classes: list[str]
+    files: list[SourceFile]
+    skipped: list[dict[str, str]] = field(default_factory=list)  # [{path, reason}]
+    empty_classes: list[str] = field(default_factory=list)  # class folders without images
+    csv_missing: list[str] = field(default_factory=list)  # csv rows naming no image file
+
+    @property
+    def scanned(self) -> int:
+        return len(self.files) + len(self.skipped)
+
+
+def normalize_uri(uri: str) -> str:
+    """Absolute local paths (so the manifest says where the data came from); URIs as given."""
+    return uri.rstrip("/") if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
+def scan(
+    input: str,
+    *,
+    labels: str = "folder",
+    unlabeled: bool = False,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> Scan:
+    """List INPUT, label every image file and decide its split; raise PrepError if unusable."""
+    root = normalize_uri(input)
+    fs, base = resolve(root)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input {input} does not exist")
+    if info.type != pafs.FileType.Directory:
+        raise NotADirectoryError(f"input {input} is not a folder")
+
+    listing = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    prefix = base.rstrip("/") + "/"
+    paths = sorted(i.path[len(prefix):] for i in listing if i.type == pafs.FileType.File)
+    top_dirs = sorted(
+        i.path[len(prefix):]
+        for i in listing
+        if i.type == pafs.FileType.Directory and "/" not in i.path[len(prefix):]
+    )
+
+    skipped: list[dict[str, str]] = []
+    images: list[str] = []
+    for path in paths:
+        reason = _skip_reason(path)
+        if reason:
+            skipped.append({"path": path, "reason": reason})
+        else:
+            images.append(path)
+
+    if unlabeled:
+        files = [SourceFile(p, UNLABELED_LABEL, UNLABELED) for p in images]
+        result = Scan(root, [], files, skipped)
+        _check_found(result, input, labels="unlabeled")
+        return result
+
+    named, csv_missing = _label(images, labels, root, skipped)
+    classes = sorted(set(named.values()))
+    index = {name: i for i, name in enumerate(classes)}
+    splits = assign_splits(named, val_fraction=val_fraction, seed=seed)
+    files = [SourceFile(p, index[named[p]], splits[p]) for p in sorted(named)]
+    empty = [d for d in top_dirs if d not in index and not _hidden(d)] if labels == "folder" else []
+    result = Scan(root, classes, files, skipped, empty, csv_missing)
+    _check_found(result, input, labels=labels)
+    return result
+
+
+def _hidden(path: str) -> bool:
+    return any(part.startswith(".") or part in HIDDEN_NAMES for part in path.split("/"))
+
+
+def _skip_reason(path: str) -> str | None:
+    if _hidden(path):
+        return "hidden file"
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in IMAGE_EXTENSIONS:
+        return f"not an image by extension ({ext or 'none'})"
+    return None
+
+
+def _label(
+    images: list[str], labels: str, root: str, skipped: list[dict[str, str]]
+) -> tuple[dict[str, str], list[str]]:
+    """{path: class name} for the images that have a label; the others are skipped."""
+    named: dict[str, str] = {}
+    csv_missing: list[str] = []
+    if labels == "folder":
+        for path in images:
+            if "/" in path:
+                named[path] = path.split("/", 1)[0]
+            else:
+                skipped.append({"path": path, "reason": "not in a class folder"})
+    elif labels.startswith("regex:"):
+        pattern = _compile(labels[len("regex:"):])
+        for path in images:
+            match = pattern.search(path.rsplit("/", 1)[-1])
+            if match and match.group(1):
+                named[path] = match.group(1)
+            else:
+                skipped.append({"path": path, "reason": f"name does not match {pattern.pattern}"})
+    elif labels.startswith("csv:"):
+        table = read_label_csv(labels[len("csv:"):], root)
+        present = set(images)
+        for path in images:
+            if path in table:
+                named[path] = table[path]
+            else:
+                skipped.append({"path": path, "reason": "not listed in the labels csv"})
+        csv_missing = sorted(p for p in table if p not in present)
+    else:
+        raise PrepError(f"labels must be folder, regex:PATTERN or csv:FILE, got {labels!r}")
+    return named, csv_missing
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise PrepError(f"labels regex {pattern!r} is not a valid regular expression: {exc}") from None
+    if compiled.groups < 1:
+        raise PrepError(f"labels regex {pattern!r} needs a group for the class, e.g. ^(\\w+)\\.")
+    return compiled
+
+
+def read_label_csv(location: str, root: str) -> dict[str, str]:
+    """{path: label} from rows `path,label` (an optional header row `path,label`).
+
+    FILE is a path or URI as given, else relative to INPUT. Paths are relative to INPUT.
+    """
+    candidates = [location] if "://" in location or os.path.isabs(location) else [location, join(root, location)]
+    for candidate in candidates:
+        fs, path = resolve(normalize_uri(candidate))
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            with fs.open_input_stream(path) as src:
+                text = src.read().decode("utf-8-sig")
+            break
+    else:
+        raise FileNotFoundError(f"labels csv {location} not found (also looked in {root})")
+
+    table: dict[str, str] = {}
+    for line, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if line == 1 and [c.strip().lower() for c in row] == ["path", "label"]:
+            continue
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise PrepError(f"{location}, line {line}: expected `path,label`, got {','.join(row)!r}")
+        path = row[0].strip().replace("\\", "/").removeprefix("./")
+        label = row[1].strip()
+        if table.get(path, label) != label:
+            raise PrepError(f"{location}, line {line}: {path} is labelled both {table[path]!r} and {label!r}")
+        table[path] = label
+    return table
+
+
+def unit_hash(seed: int, path: str) -> float:
+    """A number in [0, 1) fixed by (seed, path): the file's place in the split."""
+    digest = hashlib.blake2b(f"{seed}:{path}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def assign_splits(named: dict[str, str], *, val_fraction: float, seed: int) -> dict[str, str]:
+    """{path: train|val}, stratified by class, each file decided by its own hash.
+
+    A file goes to val when its hash is below val_fraction, so adding files never moves
+    another one. Each class is split on its own, and a class of two or more files that
+    the hashes left without a val (or train) file gives its lowest (highest) hash to it,
+    so every class is seen on both sides; only such tiny classes can move when files
+    are added.
+    """
+    by_class: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    for path, name in named.items():
+        by_class[name].append((unit_hash(seed, path), path))
+    splits: dict[str, str] = {}
+    for members in by_class.values():
+        members.sort()
+        for u, path in members:
+            splits[path] = VAL if u < val_fraction else TRAIN
+        if len(members) >= 2:
+            if all(splits[p] == TRAIN for _, p in members):
+                splits[members[0][1]] = VAL
+            elif all(splits[p] == VAL for _, p in members):
+                splits[members[-1][1]] = TRAIN
+    return splits
+
+
+def _check_found(result: Scan, input: str, *, labels: str) -> None:
+    """An input with no images, or with fewer than two classes, is an error saying why."""
+    reasons = Counter(s["reason"] for s in result.skipped)
+    found = f"{result.scanned} files, {len(result.files)} labelled images"
+    if reasons:
+        found += "; skipped: " + ", ".join(f"{n} {r}" for r, n in reasons.most_common(4))
+    if not result.files:
+        hint = ""
+        if reasons.get("not in a class folder"):
+            hint = (
+                " With --labels folder each class needs its own subfolder (INPUT/<class>/...);"
+                " for a flat folder use --labels regex:PATTERN or csv:FILE, or --unlabeled."
+            )
+        raise PrepError(f"no images to prepare in {input} ({found}).{hint}")
+    if labels != "unlabeled" and len(result.classes) < 2:
+        counts = Counter(f.label for f in result.files)
+        seen = ", ".join(f"{name}: {counts[i]} images" for i, name in enumerate(result.classes))
+        raise PrepError(
+            f"only one class in {input} ({seen}); a classifier needs at least two "
+            f"(labels from {labels}; use --unlabeled for images without labels)"
+        )

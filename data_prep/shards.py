@@ -1,0 +1,146 @@
+"""The shard writer: one chunk of files in, Parquet shards and a small summary out.
+
+`write_chunk` is what each Ray task runs (see data_prep/pipeline.py). It reads each file
+once, hashes and decodes it, streams rows to its own shard per split in bounded row
+groups, and returns only small things: per-file records, counters and a pixel histogram.
+Nothing decoded ever leaves the task, so memory does not grow with the input.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_prep.decode import UndecodableImage, decode_image
+from data_prep.schema import SHARD_SCHEMA, TRAIN, join, resolve
+
+COMPRESSION = "zstd"  # raw pixels: ~10-30% smaller, decompresses at GB/s
+ROW_GROUP_BYTES = 16 << 20  # rows buffered per row group before it is written
+PROGRESS_EVERY = 64  # files between progress messages from a task
+SIZE_BINS = (64, 128, 256, 512, 1024, 2048, 4096)  # of the source's shorter side, px
+
+
+@dataclass
+class ChunkResult:
+    """What a task sends back: a few bytes per file plus fixed-size aggregates."""
+
+    written: list[tuple[str, str]] = field(default_factory=list)  # (path, sha256)
+    quarantined: list[dict[str, str]] = field(default_factory=list)  # [{path, reason}]
+    shards: dict[str, int] = field(default_factory=dict)  # shard uri -> rows
+    modes: Counter = field(default_factory=Counter)  # source mode -> images
+    formats: Counter = field(default_factory=Counter)  # source format -> images
+    sizes: Counter = field(default_factory=Counter)  # shorter-side bin -> images
+    exif_transposed: int = 0
+    upscaled: int = 0  # sources whose shorter side was below the target size
+    # Per-channel histograms (3 x 256 counts) of the stats split's pixels: exact
+    # mean and std come from them, and they add up across tasks.
+    histogram: np.ndarray = field(default_factory=lambda: np.zeros((3, 256), np.int64))
+
+
+class _ShardWriter:
+    """Rows for one shard, written in row groups of about ROW_GROUP_BYTES."""
+
+    def __init__(self, uri: str, image_bytes: int):
+        self.uri = uri
+        self.group_rows = max(1, ROW_GROUP_BYTES // image_bytes)
+        self.rows: list[tuple[bytes, int, str, str, int, int]] = []
+        self.count = 0
+        self._writer: pq.ParquetWriter | None = None  # opened on the first row
+
+    def add(self, row: tuple[bytes, int, str, str, int, int]) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= self.group_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        if self._writer is None:
+            fs, path = resolve(self.uri)
+            self._writer = pq.ParquetWriter(path, SHARD_SCHEMA, filesystem=fs, compression=COMPRESSION)
+        columns = list(zip(*self.rows))
+        table = pa.Table.from_arrays(
+            [pa.array(col, type=f.type) for col, f in zip(columns, SHARD_SCHEMA)], schema=SHARD_SCHEMA
+        )
+        self._writer.write_table(table, row_group_size=len(self.rows))
+        self.count += len(self.rows)
+        self.rows = []
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def write_chunk(
+    input: str,
+    output: str,
+    name: str,
+    files: list[tuple[str, int, str]],
+    *,
+    size: int,
+    resize: str,
+    stats_split: str = TRAIN,
+) -> Iterator[int | ChunkResult]:
+    """Decode `files` ((path, label, split) under INPUT) into OUTPUT/<split>/<name>.
+
+    Pixel statistics are gathered over the rows of `stats_split` only (train's, or all
+    rows of unlabeled data).
+    Yields the number of files done every PROGRESS_EVERY files, then one ChunkResult.
+    An unreadable or undecodable file is quarantined with its reason; nothing is dropped.
+    """
+    fs, root = resolve(input)
+    result = ChunkResult()
+    writers: dict[str, _ShardWriter] = {}
+    offsets = np.arange(3, dtype=np.uint16) * 256  # channel c counts at c*256 + value
+    done = 0
+    for path, label, split in files:
+        try:
+            with fs.open_input_stream(join(root, path)) as src:
+                data = src.read()
+        except OSError as exc:  # vanished, permission denied, network error
+            result.quarantined.append({"path": path, "reason": f"unreadable: {exc}"})
+            data = None
+        if data is not None:
+            try:
+                decoded = decode_image(data, size=size, resize=resize)
+            except UndecodableImage as exc:
+                result.quarantined.append({"path": path, "reason": exc.reason})
+            else:
+                sha = hashlib.sha256(data).hexdigest()
+                writer = writers.get(split)
+                if writer is None:
+                    writer = writers[split] = _ShardWriter(join(output, split, name), decoded.pixels.nbytes)
+                writer.add((decoded.pixels.tobytes(), label, path, sha, decoded.orig_height, decoded.orig_width))
+                result.written.append((path, sha))
+                result.modes[decoded.source_mode] += 1
+                result.formats[decoded.source_format] += 1
+                result.sizes[size_bin(min(decoded.orig_height, decoded.orig_width))] += 1
+                result.exif_transposed += decoded.exif_transposed
+                result.upscaled += min(decoded.orig_height, decoded.orig_width) < size
+                if split == stats_split:
+                    flat = decoded.pixels.reshape(-1, 3) + offsets
+                    result.histogram += np.bincount(flat.ravel(), minlength=768).reshape(3, 256)
+        done += 1
+        if done % PROGRESS_EVERY == 0:
+            yield PROGRESS_EVERY
+    for writer in writers.values():
+        writer.close()
+        result.shards[writer.uri] = writer.count
+    yield done % PROGRESS_EVERY
+    yield result
+
+
+def size_bin(side: int) -> str:
+    """Histogram bin of a source image's shorter side: '<64', '64-127', ..., '>=4096'."""
+    low = 0
+    for high in SIZE_BINS:
+        if side < high:
+            return f"<{high}" if low == 0 else f"{low}-{high - 1}"
+        low = high
+    return f">={SIZE_BINS[-1]}"
