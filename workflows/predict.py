@@ -1,12 +1,384 @@
-"""`cnnflow predict` (DESIGN.md). Placeholder until issue 5 lands."""
+"""`cnnflow predict INPUT OUTPUT` (DESIGN.md): one row per input file, by one model version.
+
+    resolve the model once -> list INPUT -> drop what OUTPUT already holds (resume)
+    -> Ray Data pipeline (workflows/predict_pipeline.py) -> part files + summary.json
+
+The driver consumes the pipeline's output itself: rows are small (a path, a label, a few
+floats), so it can count them for the summary and show progress as they come, and it
+writes each part file under a hidden name first and renames it when complete, so a run
+that dies leaves only whole files behind and the next run resumes from them.
+"""
 from __future__ import annotations
 
+import posixpath
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from data_prep import schema
+from data_prep.decode import IMAGE_EXTENSIONS
 from workflows.config import PredictConfig
-from workflows.errors import NotBuiltYet
+from workflows.errors import CnnflowError
+
+SUMMARY = "summary.json"
+PART_PREFIX = "part-"
+# A part file is closed at this many rows or after this long, whichever comes first:
+# an interrupted run loses at most that much work.
+ROWS_PER_FILE = 50_000
+SECONDS_PER_FILE = 60.0
+LOG_EVERY_S = 30.0  # progress lines when stderr is not a terminal (ray job logs)
+SHARD_SPLITS = (schema.TRAIN, schema.VAL, schema.UNLABELED)
 
 
 def run(config: PredictConfig) -> int:
-    raise NotBuiltYet("issue 5")
+    from workflows.ray_runtime import ray_session
+    from workflows.tracking import load_classifier, resolve_model_uri, use_tracking
+
+    console = Console(stderr=True)
+    use_tracking()
+    model_uri = resolve_model_uri(config.model)  # once: every row names this version
+    classifier = load_classifier(model_uri)
+    inputs = find_inputs(config.input, classifier.preprocessing)
+    output = Output(config.output, config.format)
+    done = output.previous(model_uri, overwrite=config.overwrite)
+    todo = inputs.paths.filter(pc.invert(pc.is_in(inputs.paths, value_set=done.column("path"))))
+    console.print(
+        f"predict: {len(inputs.paths):,} images in {config.input} ({inputs.kind}), "
+        f"{len(done):,} already scored in {config.output}, {len(todo):,} to score with {model_uri}"
+    )
+
+    started = time.perf_counter()
+    counts: Counter[str] = Counter()
+    with ray_session(config):
+        if len(todo):
+            dataset, plan = build_dataset(config, inputs, todo, classifier, scored=done.column("path"))
+            console.print(
+                f"  {plan.replicas} model replica(s) x {plan.torch_threads} thread(s)"
+                f"{' on GPU' if config.gpu else ''}, {plan.actor_cpus:g} CPU each in Ray's accounting"
+            )
+            with _Progress(console, len(todo)) as advance:
+                for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    output.add(batch)
+                    counts.update(_tally(batch))
+                    advance(batch.num_rows)
+    output.close()
+    seconds = time.perf_counter() - started
+
+    summary = output.summary(
+        classifier=classifier,
+        model_uri=model_uri,
+        input=config.input,
+        skipped=inputs.skipped,
+        this_run={"rows": sum(counts.values()), "errors": counts.get(None, 0), "seconds": round(seconds, 3),
+                  "images_per_s": round(sum(counts.values()) / seconds, 1) if seconds > 0 else None,
+                  "already_scored": len(done)},
+    )
+    schema.write_json(schema.join(config.output, SUMMARY), summary)
+    _closing_screen(console, summary, config.output)
+    scored = summary["rows"] - summary["errors"]
+    return 0 if scored or not summary["rows"] else 1
+
+
+# --- inputs ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inputs:
+    kind: str  # "image folder" or "prep output"
+    filesystem: pafs.FileSystem
+    root: str  # INPUT's path in `filesystem`
+    paths: pa.Array  # every input, relative to INPUT (string)
+    skipped: dict[str, int]  # files that are not images, by reason
+    shard_files: list[str]  # prep output only
+
+
+def find_inputs(uri: str, preprocessing: dict[str, Any]) -> Inputs:
+    """An image folder (recursive, labels ignored) or a `cnnflow prep` output."""
+    fs, root = schema.resolve(uri)
+    root = root.rstrip("/") or "/"
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input {uri} does not exist")
+    if info.type != pafs.FileType.Directory:
+        raise NotADirectoryError(f"input {uri} is not a folder")
+    if fs.get_file_info(schema.join(root, schema.MANIFEST)).type == pafs.FileType.File:
+        return _prep_output(uri, fs, root, preprocessing)
+
+    paths: list[str] = []
+    skipped: Counter[str] = Counter()
+    for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if entry.type != pafs.FileType.File:
+            continue
+        rel = entry.path[len(root) :].lstrip("/")
+        if any(part.startswith(".") for part in rel.split("/")):
+            skipped["hidden"] += 1
+        elif posixpath.splitext(rel)[1].lower() not in IMAGE_EXTENSIONS:
+            skipped["not an image (extension)"] += 1
+        else:
+            paths.append(rel)
+    if not paths:
+        found = ", ".join(f"{n} {why}" for why, n in skipped.items()) or "no files"
+        raise CnnflowError(f"no images under {uri} ({found}); image extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}")
+    return Inputs("image folder", fs, root, pa.array(sorted(paths), pa.string()), dict(skipped), [])
+
+
+def _prep_output(uri: str, fs: pafs.FileSystem, root: str, preprocessing: dict[str, Any]) -> Inputs:
+    """Shards hold pixels resized at prep time: they must be what the model was trained on."""
+    manifest = schema.read_manifest(uri)
+    got = (manifest["image_size"], manifest["resize"])
+    want = (preprocessing["image_size"], preprocessing["resize"])
+    if got != want:
+        raise CnnflowError(
+            f"{uri} was prepared at {got[0]} px ({got[1]}) but the model expects {want[0]} px ({want[1]}); "
+            f"run `cnnflow prep` again with --image-size {want[0]} --resize {want[1]}, or predict on the image folder"
+        )
+    files = []
+    for split in SHARD_SPLITS:
+        selector = pafs.FileSelector(schema.join(root, split), allow_not_found=True)
+        files += sorted(e.path for e in fs.get_file_info(selector) if e.path.endswith(".parquet"))
+    if not files:
+        raise CnnflowError(f"{uri} has a manifest but no shards under {', '.join(SHARD_SPLITS)}/")
+    paths = pa.concat_arrays(
+        [pq.read_table(f, columns=["path"], filesystem=fs).column("path").combine_chunks() for f in files]
+    )
+    return Inputs("prep output", fs, root, paths, {}, files)
+
+
+# --- the pipeline --------------------------------------------------------------------------
+
+
+def build_dataset(config: PredictConfig, inputs: Inputs, todo: pa.Array, classifier: Any, *, scored: pa.Array):
+    import ray
+    import ray.data
+
+    from cnn.models import model_state
+    from workflows import predict_pipeline as pipe
+
+    resources = ray.cluster_resources()
+    plan = pipe.plan_pool(
+        config.workers, gpu=config.gpu, cluster_cpus=resources.get("CPU", 1), cluster_gpus=resources.get("GPU", 0)
+    )
+    size, resize = classifier.preprocessing["image_size"], classifier.preprocessing["resize"]
+    if inputs.shard_files:
+        ds = ray.data.read_parquet(
+            inputs.shard_files, filesystem=inputs.filesystem, columns=["path", "image"], num_cpus=plan.decode_cpus
+        )
+        if len(scored):
+            ds = ds.map_batches(pipe.drop_scored, batch_format="pyarrow", batch_size=None,
+                                num_cpus=plan.decode_cpus, fn_kwargs={"scored": scored})
+        ds = ds.map_batches(pipe.shard_rows, batch_format="pyarrow", batch_size=None, num_cpus=plan.decode_cpus)
+    else:
+        chunks = [pa.table({"path": todo.slice(i, pipe.DECODE_BATCH)}) for i in range(0, len(todo), pipe.DECODE_BATCH)]
+        ds = ray.data.from_arrow(chunks).map_batches(
+            pipe.decode_batch,
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=plan.decode_cpus,
+            fn_kwargs={"filesystem": inputs.filesystem, "root": inputs.root, "size": size, "resize": resize},
+        )
+    state = ray.put(model_state(classifier.model, classifier.spec))
+    ds = ds.map_batches(
+        pipe.Scorer,
+        batch_size=config.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=plan.replicas),
+        num_cpus=plan.actor_cpus,
+        num_gpus=plan.actor_gpus,
+        fn_constructor_kwargs={
+            "state": state,
+            "preprocessing": classifier.preprocessing,
+            "model_uri": classifier.uri,
+            "torch_threads": plan.torch_threads,
+            "gpu": config.gpu,
+        },
+    )
+    return ds, plan
+
+
+def _tally(batch: pa.Table) -> Counter[str | None]:
+    """Rows per predicted label; error rows count under None."""
+    return Counter({row["values"]: row["counts"] for row in pc.value_counts(batch.column("label")).to_pylist()})
+
+
+# --- output ----------------------------------------------------------------------------
+
+
+class Output:
+    """OUTPUT: part files written whole (hidden name, then renamed), and summary.json."""
+
+    def __init__(self, uri: str, fmt: str):
+        self.uri, self.fmt = uri, fmt
+        self.fs, self.root = schema.resolve(uri)
+        self.root = self.root.rstrip("/") or "/"
+        self.fs.create_dir(self.root, recursive=True)
+        self.run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.opened = time.monotonic()
+        self.written = 0
+
+    def _parts(self) -> list[pafs.FileInfo]:
+        selector = pafs.FileSelector(self.root, allow_not_found=True)
+        return [e for e in self.fs.get_file_info(selector) if e.base_name.startswith((PART_PREFIX, f".{PART_PREFIX}"))]
+
+    def _read(self, path: str, columns: list[str]) -> pa.Table:
+        if path.endswith(".parquet"):
+            return pq.read_table(path, columns=columns, filesystem=self.fs)
+        with self.fs.open_input_stream(path) as src:
+            convert = pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns})
+            return pacsv.read_csv(src, convert_options=convert)
+
+    def previous(self, model_uri: str, *, overwrite: bool) -> pa.Table:
+        """What earlier runs wrote (path, label, error); refuses another model's rows."""
+        parts = self._parts()
+        for leftover in [e for e in parts if e.base_name.startswith(".")]:
+            self.fs.delete_file(leftover.path)  # a part file an interrupted run never finished
+        parts = [e.path for e in parts if not e.base_name.startswith(".")]
+        columns = ["path", "label", "error", "model_uri"]
+        tables = [self._read(p, columns) for p in parts]
+        empty = pa.table({c: pa.array([], pa.string()) for c in columns})
+        done = pa.concat_tables(tables, promote_options="permissive") if tables else empty
+        others = sorted(set(pc.unique(done.column("model_uri")).to_pylist()) - {model_uri})
+        if others and not overwrite:
+            raise CnnflowError(
+                f"{self.uri} holds predictions by {', '.join(others)}, not {model_uri}; "
+                "pass --overwrite to replace them, or choose another OUTPUT"
+            )
+        if others:  # --overwrite: start again
+            for p in parts:
+                self.fs.delete_file(p)
+            return empty.drop_columns(["model_uri"])
+        return done.drop_columns(["model_uri"])
+
+    def add(self, batch: pa.Table) -> None:
+        self.pending.append(batch)
+        self.pending_rows += batch.num_rows
+        if self.pending_rows >= ROWS_PER_FILE or time.monotonic() - self.opened >= SECONDS_PER_FILE:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending_rows:
+            return
+        table = pa.concat_tables(self.pending)
+        name = f"{PART_PREFIX}{self.run_id}-{self.written:05d}.{self.fmt}"
+        final, hidden = schema.join(self.root, name), schema.join(self.root, "." + name)
+        with self.fs.open_output_stream(hidden) as out:
+            if self.fmt == "parquet":
+                pq.write_table(table, out)
+            else:  # CSV has no lists: probabilities as a JSON-style array per row
+                pacsv.write_csv(_csv_ready(table), out)
+        self.fs.move(hidden, final)
+        self.written += 1
+        self.pending, self.pending_rows, self.opened = [], 0, time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+    def summary(self, *, classifier: Any, model_uri: str, input: str, skipped: dict[str, int], this_run: dict) -> dict:
+        """Totals over every part file in OUTPUT (earlier runs included) and this run's speed."""
+        parts = [e.path for e in self._parts() if not e.base_name.startswith(".")]
+        tables = [self._read(p, ["path", "label", "error"]) for p in parts]
+        labels = pa.chunked_array([t.column("label") for t in tables], pa.string()) if tables else pa.array([], pa.string())
+        errors = pa.chunked_array([t.column("error") for t in tables], pa.string()) if tables else labels
+        counts = {r["values"]: r["counts"] for r in pc.value_counts(pc.drop_null(labels)).to_pylist()}
+        error_rows = len(errors) - errors.null_count
+        examples = []
+        for t in tables:
+            failed = t.filter(pc.is_valid(t.column("error")))
+            examples += failed.slice(0, 10 - len(examples)).to_pylist() if len(examples) < 10 else []
+        return {
+            "rows": len(labels),
+            "errors": error_rows,
+            "counts": {c: counts.get(c, 0) for c in classifier.preprocessing["classes"]},
+            "images_per_s": this_run["images_per_s"],
+            "model_uri": model_uri,
+            "model_name": classifier.name,
+            "model_version": classifier.version,
+            "input": input,
+            "skipped_files": skipped,
+            "this_run": this_run,
+            "error_examples": examples,
+            "format": self.fmt,
+            "files": len(parts),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+
+def _csv_ready(table: pa.Table) -> pa.Table:
+    probs = table.column("probabilities").to_pylist()
+    text = ["[" + ",".join(f"{p:.6g}" for p in row) + "]" if row is not None else None for row in probs]
+    index = table.schema.get_field_index("probabilities")
+    return table.set_column(index, "probabilities", pa.array(text, pa.string()))
+
+
+# --- the terminal --------------------------------------------------------------------------
+
+
+class _Progress:
+    """A live bar on a terminal; a line every LOG_EVERY_S otherwise (ray job logs, CI)."""
+
+    def __init__(self, console: Console, total: int):
+        self.console, self.total, self.done = console, total, 0
+        self.started = self.logged = time.monotonic()
+        self.bar = Progress(
+            TextColumn("scoring"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(), console=console,
+        ) if console.is_terminal else None
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.start()
+            self.task = self.bar.add_task("scoring", total=self.total, rate="-")
+        return self.advance
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        rate = f"{self.done / max(now - self.started, 1e-9):,.0f}"
+        if self.bar:
+            self.bar.update(self.task, advance=n, rate=rate)
+        elif now - self.logged >= LOG_EVERY_S:
+            self.logged = now
+            self.console.print(f"  {self.done:,}/{self.total:,} scored, {rate} img/s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+def _closing_screen(console: Console, summary: dict, output: str) -> None:
+    table = Table(title=f"predictions by {summary['model_uri']}", show_header=True)
+    table.add_column("label")
+    table.add_column("rows", justify="right")
+    for label, n in summary["counts"].items():
+        table.add_row(label, f"{n:,}")
+    table.add_row("[red]errors[/red]", f"{summary['errors']:,}")
+    table.add_row("[bold]total[/bold]", f"{summary['rows']:,}")
+    console.print(table)
+    run = summary["this_run"]
+    console.print(
+        f"this run: {run['rows']:,} scored ({run['errors']:,} errors) in {run['seconds']:.1f} s"
+        + (f", {run['images_per_s']:,} images/s" if run["rows"] else "")
+        + (f"; {run['already_scored']:,} already scored before" if run["already_scored"] else "")
+    )
+    for example in summary["error_examples"][:3]:
+        console.print(f"  [red]error[/red] {example['path']}: {example['error']}")
+    skipped = sum(summary["skipped_files"].values())
+    if skipped:
+        console.print(f"skipped {skipped:,} files that are not images: {summary['skipped_files']}")
+    console.print(f"output: {output} ({summary['files']} {summary['format']} files, {SUMMARY})")
 
 
 if __name__ == "__main__":

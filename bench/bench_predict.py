@@ -1,0 +1,223 @@
+"""Benchmark `cnnflow predict` against the two ways a user would otherwise score a folder.
+
+    python bench/bench_predict.py [N] [--size 128] [--memory 2000,16000] [--workdir DIR]
+
+On a generated folder of N photo-sized JPEGs (300-500 px per side) and a model registered
+for the purpose (cnnflow's default `simple` architecture, random weights: speed does not
+depend on them), it times, each in a fresh process, wall clock from process start to exit
+(imports, Ray start-up and shutdown included):
+
+  (a) plain loop: PIL open/convert/resize, batches of 256 through the model, one Parquet
+  (b) Ray docs recipe: read_images(size=...) + map_batches(actor pool of 1) + write_parquet
+  (c) cnnflow predict
+
+and prints wall time, images/s, peak memory (PSS summed over the job's process tree, so
+Ray's processes count and shared pages count once) and the ratios. `--memory A,B` runs
+(c) again at N = A and N = B and prints the peak-memory ratio. Not run in CI; timings on
+a shared machine are noisy, so compare ratios measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PLAIN_LOOP = r'''
+import sys, time
+import numpy as np, pyarrow as pa, pyarrow.parquet as pq, torch
+from pathlib import Path
+from PIL import Image
+from workflows.tracking import load_classifier
+
+folder, out, uri = sys.argv[1:4]
+clf = load_classifier(uri)
+size, classes = clf.preprocessing["image_size"], clf.classes
+paths = sorted(str(p) for p in Path(folder).rglob("*.jpg"))
+rows = {"path": [], "label": [], "score": [], "probabilities": []}
+for start in range(0, len(paths), 256):
+    chunk = paths[start:start + 256]
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in chunk])
+    probs = clf.probabilities(torch.from_numpy(pixels)).numpy()
+    rows["path"] += chunk
+    rows["label"] += [classes[k] for k in probs.argmax(1)]
+    rows["score"] += probs.max(1).tolist()
+    rows["probabilities"] += probs.tolist()
+pq.write_table(pa.table(rows), out)
+'''
+
+RAY_DOCS_RECIPE = r'''
+import sys
+import numpy as np, ray, torch
+from workflows.tracking import load_classifier
+
+folder, out, uri = sys.argv[1:4]
+size = load_classifier(uri).preprocessing["image_size"]
+
+class Predictor:
+    def __init__(self):
+        self.clf = load_classifier(uri)
+
+    def __call__(self, batch):
+        probs = self.clf.probabilities(torch.from_numpy(batch["image"])).numpy()
+        return {"path": batch["path"], "label": np.array(self.clf.classes)[probs.argmax(1)],
+                "score": probs.max(1)}
+
+ray.init(include_dashboard=False)
+ds = ray.data.read_images(folder, size=(size, size), mode="RGB", include_paths=True)
+ds = ds.map_batches(Predictor, compute=ray.data.ActorPoolStrategy(size=1), batch_size=256)
+ds.write_parquet(out)
+ray.shutdown()
+'''
+
+
+# --- inputs --------------------------------------------------------------------------------
+
+
+def make_photos(folder: Path, n: int) -> Path:
+    """N JPEGs of 300-500 px per side with photo-like content (smooth shapes, noise)."""
+    from PIL import Image
+
+    from tests.images import pattern_pixels
+
+    done = folder / f".complete-{n}"
+    if done.exists():
+        return folder
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = (int(v) for v in rng.integers(300, 501, size=2))
+        pixels = pattern_pixels(int(rng.integers(3)), (h, w), rng)
+        blur = Image.fromarray(pixels).reduce(4).resize((w, h), Image.Resampling.BICUBIC)  # soft edges, as photos
+        sub = folder / f"{i % 16:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        blur.save(sub / f"img_{i:06d}.jpg", quality=90)
+    done.touch()
+    return folder
+
+
+def register_model(workdir: Path, size: int) -> str:
+    """cnnflow's default architecture, registered through cnnflow's own model logging."""
+    from cnn.models import ModelSpec, build_model, model_state
+    from workflows import tracking
+
+    spec = ModelSpec("simple", 2, size, {"width": 32, "depth": 4})
+    preprocessing = {"classes": ["a", "b"], "image_size": size, "resize": "squash",
+                     "mean": [0.5] * 3, "std": [0.25] * 3}
+    with tracking.training_run(experiment="bench", run_name="bench-model", params={}, tags={}) as run_id:
+        version = tracking.log_and_register_model(
+            run_id, state=model_state(build_model(spec).eval(), spec), preprocessing=preprocessing,
+            register_as="bench", version_tags={},
+        )
+    return f"models:/bench/{version.version}"
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def tree_pss(pid: int) -> int:
+    """Bytes of PSS over `pid` and all its descendants (Ray's raylet, GCS, workers...)."""
+    tree, stack, total = _children(), [pid], 0
+    while stack:
+        p = stack.pop()
+        stack += tree.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            pass
+    return total
+
+
+def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Wall seconds and peak tree PSS of one command, sampled every 0.2 s."""
+    peak = 0
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr: list[bytes] = []
+    reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        peak = max(peak, tree_pss(proc.pid))
+        time.sleep(0.2)
+    seconds = time.perf_counter() - started
+    reader.join()
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{b''.join(stderr).decode()[-3000:]}")
+    return seconds, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("n", nargs="?", type=int, default=8000, help="JPEGs in the folder")
+    parser.add_argument("--size", type=int, default=128, help="model input side, px")
+    parser.add_argument("--workers", type=int, default=1, help="cnnflow predict --workers")
+    parser.add_argument("--memory", default="", help="A,B: also run (c) at N=A and N=B, compare peak memory")
+    parser.add_argument("--only", default="abc", help="which of a, b, c to run")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "cnnflow-bench-predict"))
+    args = parser.parse_args()
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    os.environ.update(env)
+    uri = register_model(work, args.size)
+    py = sys.executable
+
+    def variants(n: int) -> dict[str, list[str]]:
+        folder = str(make_photos(work / f"photos-{n}", n))
+        out = tempfile.mkdtemp(dir=work, prefix="out-")
+        return {
+            "a": [py, "-c", PLAIN_LOOP, folder, f"{out}/plain.parquet", uri],
+            "b": [py, "-c", RAY_DOCS_RECIPE, folder, f"{out}/recipe", uri],
+            "c": [py, "-m", "workflows.predict", folder, f"{out}/cnnflow", "--model", uri,
+                  "--workers", str(args.workers)],
+        }
+
+    names = {"a": "plain loop", "b": "Ray docs recipe", "c": "cnnflow predict"}
+    results: dict[str, tuple[float, int]] = {}
+    print(f"N = {args.n} JPEGs (300-500 px) -> {args.size} px, model {uri} (simple), {os.cpu_count()} CPUs")
+    for key, cmd in variants(args.n).items():
+        if key in args.only:
+            results[key] = measure(cmd, env)
+            s, mem = results[key]
+            print(f"  ({key}) {names[key]:16s} {s:7.1f} s  {args.n / s:7.1f} img/s  peak PSS {mem / 2**20:7.0f} MiB", flush=True)
+    if "c" in results:
+        for key in "ab":
+            if key in results:
+                print(f"  (c) vs ({key}): {results[key][0] / results['c'][0]:.2f}x images/s")
+    if args.memory:
+        small, large = (int(v) for v in args.memory.split(","))
+        peaks = {}
+        for n in (small, large):
+            s, peaks[n] = measure(variants(n)["c"], env)
+            print(f"  (c) N = {n:6d}: {s:7.1f} s  {n / s:7.1f} img/s  peak PSS {peaks[n] / 2**20:7.0f} MiB", flush=True)
+        print(f"  (c) peak memory N={large} / N={small}: {peaks[large] / peaks[small]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

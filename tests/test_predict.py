@@ -1,0 +1,206 @@
+"""`cnnflow predict` end to end: real files, real local Ray (2 CPUs), real MLflow registry.
+
+The model is trained once per module on generated stripe patterns (tests/images.py), whose
+class can be read back from the pixels, and registered through tracking's own logging, so
+a prediction can be checked against the truth, not just for shape.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.images import PATTERNS, make_image_folder, pattern_pixels
+from workflows.config import PredictConfig
+from workflows.errors import CnnflowError
+
+CLASSES = ("horizontal", "vertical", "checker")
+SIZE = 32
+NAME = "stripes"
+
+
+def train_and_register(name: str, *, steps: int = 150, seed: int = 0) -> str:
+    """A small `simple` CNN that learns the stripe classes, logged and registered as cnnflow does."""
+    from cnn.models import ModelSpec, build_model, model_state
+    from cnn.transforms import Normalize
+    from workflows import tracking
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    spec = ModelSpec("simple", len(CLASSES), SIZE, {"width": 8, "depth": 2})
+    model = build_model(spec)
+    preprocessing = {"classes": list(CLASSES), "image_size": SIZE, "resize": "squash",
+                     "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    normalize = Normalize(mean=preprocessing["mean"], std=preprocessing["std"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        labels = rng.integers(len(CLASSES), size=32)
+        pixels = np.stack([pattern_pixels(int(k), SIZE, rng) for k in labels])
+        loss = torch.nn.functional.cross_entropy(model(normalize(torch.from_numpy(pixels))), torch.from_numpy(labels))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with tracking.training_run(experiment="predict-tests", run_name=None, params={}, tags={}) as run_id:
+        version = tracking.log_and_register_model(
+            run_id, state=model_state(model, spec), preprocessing=preprocessing, register_as=name, version_tags={}
+        )
+    tracking.set_champion(name, int(version.version))
+    return f"models:/{name}/{version.version}"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory):
+    """One MLflow store with a trained, champion model for the whole module."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        yield train_and_register(NAME)
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> tuple[Path, dict[str, int]]:
+    """Images in nested folders, with their true class, plus three broken files and a README."""
+    root = tmp_path / "images"
+    specs = make_image_folder(root, classes=CLASSES, per_class=8, size=(40, 56), layout="unlabeled", seed=1)
+    truth = {str(s.path.relative_to(root)): s.label for s in specs}
+    (root / "broken").mkdir()
+    jpeg = next(s.path for s in specs if s.path.suffix == ".jpg").read_bytes()
+    (root / "broken" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (root / "broken" / "empty.png").write_bytes(b"")
+    (root / "broken" / "text.jpg").write_text("not an image at all")
+    (root / "README.txt").write_text("not an input")
+    return root, truth
+
+
+BROKEN = {"broken/truncated.jpg", "broken/empty.png", "broken/text.jpg"}
+
+
+def predict(input: Path, output: Path, **options) -> int:
+    from workflows import predict as predict_stage
+
+    return predict_stage.run(PredictConfig(input=str(input), output=str(output), **options))
+
+
+def read_output(output: Path) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(p) for p in sorted(output.glob("part-*.parquet"))], ignore_index=True)
+
+
+def test_predicts_right_label_one_row_per_file_and_error_rows(ray_local, registry, folder, tmp_path):
+    root, truth = folder
+    out = tmp_path / "preds"
+    assert predict(root, out, batch_size=16) == 0
+
+    rows = read_output(out)
+    assert sorted(rows["path"]) == sorted([*truth, *BROKEN])  # one row per image file, README skipped
+    good = rows[~rows["path"].isin(BROKEN)]
+    assert good["error"].isna().all()
+    assert (good["label"] == good["path"].map(lambda p: CLASSES[truth[p]])).all()
+    assert (good["model_uri"] == registry).all() and (rows["model_uri"] == registry).all()
+    assert all(len(p) == len(CLASSES) and abs(sum(p) - 1) < 1e-4 for p in good["probabilities"])
+    assert np.allclose(good["score"], [max(p) for p in good["probabilities"]])
+    bad = rows[rows["path"].isin(BROKEN)].set_index("path")
+    assert bad["label"].isna().all() and bad["error"].notna().all()
+    assert "empty" in bad.loc["broken/empty.png", "error"]
+
+    schema = pq.read_schema(next(out.glob("part-*.parquet")))
+    assert [f.name for f in schema] == ["path", "label", "score", "probabilities", "model_uri", "error"]
+    assert schema.field("score").type == pa.float32()
+    assert pa.types.is_list(schema.field("probabilities").type)
+    assert schema.field("probabilities").type.value_type == pa.float32()
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == len(truth) + 3 and summary["errors"] == 3
+    assert summary["model_uri"] == registry and summary["model_version"] == 1
+    expected = pd.Series(truth).map(lambda k: CLASSES[k]).value_counts().to_dict()
+    assert summary["counts"] == {c: expected.get(c, 0) for c in CLASSES}
+    assert summary["images_per_s"] > 0 and summary["skipped_files"] == {"not an image (extension)": 1}
+
+
+def test_pyfunc_model_gives_the_same_labels_as_the_batch_job(ray_local, registry, folder, tmp_path):
+    import mlflow
+
+    root, truth = folder
+    out = tmp_path / "preds"
+    predict(root, out, model=NAME)
+    rows = read_output(out).set_index("path").sort_index()
+    frame = pd.DataFrame({"image": [(root / p).read_bytes() for p in rows.index]})
+    pyfunc = mlflow.pyfunc.load_model(registry).predict(frame)
+    assert list(pyfunc["label"].fillna("<error>")) == list(rows["label"].fillna("<error>"))
+    assert np.allclose(pyfunc["score"].dropna(), rows["score"].dropna(), atol=1e-5)
+
+
+def test_resume_scores_only_the_rest_and_another_version_refuses(ray_local, registry, tmp_path):
+    root = tmp_path / "images"
+    first = make_image_folder(root / "a", classes=CLASSES, per_class=4, size=40, seed=2)
+    out = tmp_path / "preds"
+    predict(root, out)
+    assert len(read_output(out)) == len(first)
+
+    more = make_image_folder(root / "b", classes=CLASSES, per_class=3, size=40, seed=3)
+    predict(root, out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["this_run"]["rows"] == len(more) and summary["this_run"]["already_scored"] == len(first)
+    rows = read_output(out)
+    assert len(rows) == len(first) + len(more) and rows["path"].is_unique
+
+    predict(root, out)  # nothing left: nothing scored, nothing written twice
+    assert json.loads((out / "summary.json").read_text())["this_run"]["rows"] == 0
+    assert len(read_output(out)) == len(first) + len(more)
+
+    second = train_and_register(NAME, steps=5, seed=1)
+    with pytest.raises(CnnflowError, match="--overwrite"):
+        predict(root, out, model=second)
+    predict(root, out, model=second, overwrite=True)
+    rows = read_output(out)
+    assert len(rows) == len(first) + len(more) and (rows["model_uri"] == second).all()
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.timeout(240)
+def test_every_worker_count_finishes_on_two_cpus(ray_local, registry, tmp_path, workers):
+    assert ray_local.cluster_resources()["CPU"] == 2
+    root = tmp_path / "images"
+    specs = make_image_folder(root, classes=CLASSES, per_class=20, size=40, seed=workers)
+    out = tmp_path / "preds"
+    assert predict(root, out, workers=workers, batch_size=8) == 0
+    rows = read_output(out)
+    assert sorted(rows["path"]) == sorted(str(s.path.relative_to(root)) for s in specs)
+
+
+def test_csv_output(ray_local, registry, folder, tmp_path):
+    root, truth = folder
+    out = tmp_path / "preds"
+    predict(root, out, format="csv")
+    rows = pd.concat([pd.read_csv(p) for p in out.glob("part-*.csv")])
+    assert len(rows) == len(truth) + 3
+    good = rows[rows["error"].isna()]
+    assert all(len(json.loads(p)) == len(CLASSES) for p in good["probabilities"])
+
+
+def test_unknown_model_lists_what_exists(registry, folder, tmp_path):
+    with pytest.raises(CnnflowError, match=rf"no registered model 'nope'; registered models: {NAME}"):
+        predict(folder[0], tmp_path / "preds", model="nope")
+
+
+def test_pool_always_leaves_a_cpu_to_decoding():
+    from workflows.predict_pipeline import plan_pool
+
+    for cpus in (1, 2, 4, 16):
+        for workers in (1, 2, 3, 8):
+            plan = plan_pool(workers, gpu=False, cluster_cpus=cpus, cluster_gpus=0)
+            assert plan.replicas == workers
+            assert plan.replicas * plan.actor_cpus + plan.decode_cpus <= cpus + 1e-9
+    assert len(PATTERNS) >= len(CLASSES)

@@ -1,0 +1,247 @@
+"""The Ray Data side of `cnnflow predict`: inputs -> decoded pixels -> model actors -> rows.
+
+    paths --decode tasks (CPU)--> image bytes | error --Scorer actors (model)--> output rows
+
+Both kinds of INPUT meet in the middle in the shard format: a binary `image` column of
+raw uint8 pixels (size x size x 3, RGB), so a prep output skips the decode stage and an
+image folder is decoded with prep's own `decode_image`. Rows that could not be read or
+decoded carry `error` and a null `image` and pass through the model stage untouched, so
+every input yields exactly one output row.
+
+How the work is spread over CPUs matters more than anything else here (measured on a
+2-core machine, see bench/bench_predict.py): the model actors must leave at least one
+CPU of Ray's accounting to the decode tasks, or the pipeline starves and hangs, and
+torch's threads in the actors are set from the CPUs the pool may really use.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import ray
+
+from data_prep.decode import UndecodableImage, decode_image
+
+# The output table of DESIGN.md; `probabilities` follow the model's classes order.
+OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("label", pa.string()),
+        pa.field("score", pa.float32()),
+        pa.field("probabilities", pa.list_(pa.float32())),
+        pa.field("model_uri", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+    ]
+)
+
+# Files per decode task: enough to amortise a task's ~ms overhead, small enough that the
+# blocks (256 x 48 KiB at 128 px = 12 MiB) stream through the object store.
+DECODE_BATCH = 256
+# bf16 on GPU keeps a row's label only when its top two logits are far enough apart;
+# rows closer than this (in logits) are recomputed in float32.
+BF16_MARGIN = 0.25
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How many model replicas run, and what each one asks of Ray and of torch."""
+
+    replicas: int
+    actor_cpus: float  # Ray's logical CPUs per replica
+    actor_gpus: float
+    torch_threads: int  # intra-op threads per replica
+    decode_cpus: float  # Ray's logical CPUs per decode task
+
+
+def plan_pool(workers: int, *, gpu: bool, cluster_cpus: float, cluster_gpus: float) -> PoolPlan:
+    """Size the model pool so that decoding always keeps CPUs.
+
+    Ray schedules by logical CPUs: a pool that holds every CPU leaves none for the decode
+    tasks that feed it, and the job waits forever. So the replicas share at most all CPUs
+    but one (fractional CPUs each when `workers` is large), and a decode task asks for one
+    CPU (half of one on a single-CPU Ray). Torch threads are a physical matter: the
+    replicas split the CPUs between them (a decode task runs beside them: PIL's decoding
+    is a small share of the work next to the model, measured).
+    """
+    if gpu:
+        if cluster_gpus < 1:
+            from workflows.errors import CnnflowError
+
+            raise CnnflowError("--gpu was given but the Ray cluster has no GPUs")
+        replicas = min(workers, int(cluster_gpus))
+        free = max(cluster_cpus - 1, 0.5)
+        return PoolPlan(
+            replicas=replicas,
+            actor_cpus=min(1.0, free / replicas),
+            actor_gpus=1.0,
+            torch_threads=1,  # the GPU does the work; one thread feeds it
+            decode_cpus=1.0 if cluster_cpus >= 2 else 0.5,
+        )
+    free = cluster_cpus - 1 if cluster_cpus >= 2 else cluster_cpus / 2
+    return PoolPlan(
+        replicas=workers,
+        actor_cpus=min(1.0, free / workers),
+        actor_gpus=0.0,
+        torch_threads=max(1, math.floor(cluster_cpus / workers)),
+        decode_cpus=1.0 if cluster_cpus >= 2 else cluster_cpus / 2,
+    )
+
+
+# --- decode stage (Ray tasks) ------------------------------------------------------------
+
+
+def decode_batch(
+    batch: pa.Table, *, filesystem: pafs.FileSystem, root: str, size: int, resize: str
+) -> pa.Table:
+    """Paths relative to `root` -> `image` (raw pixels, null on error) and `error`."""
+    images: list[bytes | None] = []
+    errors: list[str | None] = []
+    for rel in batch.column("path").to_pylist():
+        try:
+            with filesystem.open_input_stream(f"{root}/{rel}") as src:
+                data = src.read()
+        except OSError as exc:
+            images.append(None)
+            errors.append(f"unreadable: {exc}")
+            continue
+        try:
+            decoded = decode_image(data, size=size, resize=resize)
+        except UndecodableImage as exc:
+            images.append(None)
+            errors.append(str(exc))
+            continue
+        images.append(decoded.pixels.tobytes())
+        errors.append(None)
+    return pa.table(
+        {
+            "path": batch.column("path"),
+            "image": pa.array(images, pa.binary()),
+            "error": pa.array(errors, pa.string()),
+        }
+    )
+
+
+def drop_scored(batch: pa.Table, *, scored: pa.Array) -> pa.Table:
+    """Rows of a prep shard whose path was already scored by an earlier run go."""
+    return batch.filter(pc.invert(pc.is_in(batch.column("path"), value_set=scored)))
+
+
+def shard_rows(batch: pa.Table) -> pa.Table:
+    """A prep shard's rows in the stage format: pixels already decoded, no errors."""
+    return pa.table(
+        {
+            "path": batch.column("path"),
+            "image": batch.column("image"),
+            "error": pa.nulls(batch.num_rows, pa.string()),
+        }
+    )
+
+
+# --- model stage (Ray actors) ------------------------------------------------------------
+
+
+def pixels_of(images: pa.Array, size: int) -> np.ndarray:
+    """A binary column of equal-length raw pixels -> uint8 (N, size, size, 3), no copy."""
+    if isinstance(images, pa.ChunkedArray):
+        images = images.combine_chunks()
+    offsets = np.frombuffer(images.buffers()[1], dtype=np.int32)[images.offset : images.offset + len(images) + 1]
+    data = np.frombuffer(images.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return data.reshape(len(images), size, size, 3)
+
+
+class Scorer:
+    """One model replica: built once per actor from plain weights, lives for the job."""
+
+    def __init__(
+        self,
+        state: dict[str, Any],
+        preprocessing: dict[str, Any],
+        model_uri: str,
+        torch_threads: int,
+        gpu: bool,
+    ) -> None:
+        import torch
+
+        from cnn.models import model_from_state
+        from cnn.transforms import Normalize
+        from workflows.pyfunc_model import class_probabilities
+
+        torch.set_num_threads(torch_threads_here(torch_threads))
+        self.torch = torch
+        if isinstance(state, ray.ObjectRef):  # the weights travel once, through the object store
+            state = ray.get(state)
+        self.device = torch.device("cuda" if gpu else "cpu")
+        model, _ = model_from_state(state)
+        memory_format = torch.channels_last if gpu else torch.contiguous_format
+        self.model = model.eval().to(self.device, memory_format=memory_format)
+        self.normalize = Normalize(
+            mean=preprocessing["mean"], std=preprocessing["std"], channels_last=gpu
+        ).to(self.device)
+        self.classes = pa.array(preprocessing["classes"], pa.string())
+        self.size = int(preprocessing["image_size"])
+        self.model_uri = model_uri
+        self.bf16 = gpu and torch.cuda.is_bf16_supported()
+        self.float32_probabilities = class_probabilities  # the pyfunc model's own code
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, classes)."""
+        torch = self.torch
+        # uint8 goes to the device (4x less to copy than float); normalise there.
+        x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+        if not self.bf16:
+            return self.float32_probabilities(self.model, self.normalize, x).cpu().numpy()
+        with torch.inference_mode():
+            x = self.normalize(x)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                logits = self.model(x).float()
+            # Keep bf16 only where it cannot change the label: near-ties go again in float32.
+            if logits.shape[1] > 1:
+                top2 = logits.topk(2, dim=1).values
+                close = (top2[:, 0] - top2[:, 1]) < BF16_MARGIN
+                if close.any():
+                    logits[close] = self.model(x[close]).float()
+            return torch.softmax(logits, dim=1).cpu().numpy()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        ok = pc.is_null(batch.column("error")).to_numpy(zero_copy_only=False)
+        probs = np.zeros((0, len(self.classes)), np.float32)
+        if ok.any():
+            good = pc.filter(batch.column("image"), pa.array(ok))
+            probs = self.probabilities(pixels_of(good, self.size))
+        # Scatter the scored rows back among the error rows, in input order.
+        index = np.flatnonzero(ok)
+        best = probs.argmax(axis=1) if len(index) else np.zeros(0, np.int64)
+        label_idx = np.full(n, -1, np.int64)
+        label_idx[index] = best
+        score = np.zeros(n, np.float32)
+        score[index] = probs[np.arange(len(index)), best] if len(index) else 0
+        width = len(self.classes)
+        offsets = np.zeros(n + 1, np.int32)
+        offsets[1:] = np.cumsum(np.where(ok, width, 0))
+        valid = pa.array(ok)
+        return pa.Table.from_arrays(
+            [
+                batch.column("path").combine_chunks(),
+                self.classes.take(pa.array(label_idx, mask=~ok)),
+                pa.array(score, pa.float32(), mask=~ok),
+                pa.ListArray.from_arrays(
+                    pa.array(offsets), pa.array(probs.reshape(-1), pa.float32()), mask=pc.invert(valid)
+                ),
+                pa.array([self.model_uri] * n, pa.string()),
+                batch.column("error").combine_chunks(),
+            ],
+            schema=OUTPUT_SCHEMA,
+        )
+
+
+def torch_threads_here(requested: int) -> int:
+    """Never more threads than the cores of the node an actor landed on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(requested, cores))
