@@ -1,12 +1,158 @@
-"""`cnnflow promote` (DESIGN.md). Placeholder until issue 4 lands."""
+"""`cnnflow promote NAME` and `train --promote`: move `champion` only to a model at least as good.
+
+The candidate version and the current champion are evaluated here, on the same
+validation split of the same prepared data (streamed from its shards), and the alias
+moves only if the candidate's accuracy is >= the champion's. Both scores are recorded as
+tags on the candidate version, whatever the outcome. `evaluate` is also what the train
+driver uses for the confusion matrix and per-class figures of a finished run.
+"""
 from __future__ import annotations
 
-from workflows.config import PromoteConfig
-from workflows.errors import NotBuiltYet
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+import numpy as np
+import pyarrow.dataset as pads
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_prep.schema import VAL, join, pixels, read_manifest, resolve
+from workflows import tracking
+from workflows.config import CHAMPION_ALIAS, PromoteConfig
+from workflows.errors import CnnflowError
+from workflows.pyfunc_model import class_probabilities, normalizer
+
+EVAL_BATCH = 256
+MAX_MISCLASSIFIED = 25  # images kept for the run's misclassified.png grid
+
+
+@dataclass
+class Evaluation:
+    """A model's predictions on a validation split."""
+
+    labels: np.ndarray  # int (N,)
+    predictions: np.ndarray  # int (N,)
+    loss: float  # mean cross-entropy
+    misclassified: list[tuple[np.ndarray, int, int]] = field(default_factory=list)  # (pixels, true, predicted)
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.labels == self.predictions).mean()) if len(self.labels) else 0.0
+
+
+def check_compatible(preprocessing: dict[str, Any], manifest: dict[str, Any], data: str, what: str) -> None:
+    """A model can only be scored on data with its classes and image size."""
+    prep = preprocessing
+    if list(prep["classes"]) != list(manifest["classes"]) or prep["image_size"] != manifest["image_size"]:
+        raise CnnflowError(
+            f"{what} was trained on {prep['image_size']} px images of classes "
+            f"{prep['classes']}, but {data} has {manifest['image_size']} px images of classes "
+            f"{manifest['classes']}; evaluate it with --data pointing at matching prepared data"
+        )
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, preprocessing: dict[str, Any], data: str, *, what: str = "the model", device: str = "cpu"
+) -> Evaluation:
+    """Stream DATA/val in batches through the model; memory holds labels, not images."""
+    manifest = read_manifest(data)
+    check_compatible(preprocessing, manifest, data, what)
+    fs, path = resolve(join(data, VAL))
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    model = model.to(device).eval()
+    normalize = normalizer(preprocessing).to(device)
+    labels, predictions, misclassified = [], [], []
+    loss_sum = 0.0
+    for batch in dataset.to_batches(columns=["image", "label"], batch_size=EVAL_BATCH):
+        images = torch.from_numpy(pixels(batch["image"], manifest["image_size"]).copy()).to(device)
+        target = torch.tensor(batch["label"].to_numpy(), dtype=torch.long, device=device)
+        probs = class_probabilities(model, normalize, images)
+        loss_sum += F.nll_loss(probs.clamp_min(1e-12).log(), target, reduction="sum").item()
+        predicted = probs.argmax(1)
+        for i in torch.nonzero(predicted != target).flatten().tolist():
+            if len(misclassified) < MAX_MISCLASSIFIED:
+                misclassified.append((images[i].cpu().numpy(), int(target[i]), int(predicted[i])))
+        labels.append(target.cpu().numpy())
+        predictions.append(predicted.cpu().numpy())
+    model.to("cpu")
+    y = np.concatenate(labels) if labels else np.empty(0, dtype=np.int64)
+    if not len(y):
+        raise CnnflowError(f"{data} has no validation images to evaluate on")
+    return Evaluation(y, np.concatenate(predictions), loss_sum / len(y), misclassified)
+
+
+@dataclass
+class Decision:
+    name: str
+    version: int
+    accuracy: float
+    champion_version: int | None
+    champion_accuracy: float | None
+    promoted: bool
+
+    def describe(self) -> str:
+        if self.champion_version is None:
+            before = "there was no champion"
+        elif self.champion_version == self.version:
+            before = "it already was the champion"
+        else:
+            before = f"champion v{self.champion_version}: val_acc {self.champion_accuracy:.4f}"
+        verdict = f"@{CHAMPION_ALIAS} -> v{self.version}" if self.promoted else f"@{CHAMPION_ALIAS} stays on v{self.champion_version}"
+        return f"{self.name} v{self.version}: val_acc {self.accuracy:.4f} ({before}); {verdict}"
+
+
+def promote(
+    name: str, version: int | None = None, data: str | None = None, *, candidate: Evaluation | None = None
+) -> Decision:
+    """Compare `version` (default: the latest) with the champion on DATA's validation split.
+
+    DATA defaults to the data the candidate was trained on (its version's `data` tag).
+    `candidate` is the candidate's evaluation on that same DATA when the caller has it.
+    """
+    uri = tracking.resolve_model_uri(f"models:/{name}/{'latest' if version is None else version}")
+    version = tracking.parse_model_uri(uri)[1]
+    if data is None:
+        data = tracking.get_version(name, version).tags.get("data")
+        if not data:
+            raise CnnflowError(f"{uri} has no `data` tag; pass --data DATA (a `cnnflow prep` output)")
+    if candidate is None:
+        candidate = _evaluate_version(uri, data)
+    current = tracking.champion(name)
+    champion_accuracy = None
+    if current is not None and current != version:
+        champion_accuracy = _evaluate_version(f"models:/{name}/{current}", data).accuracy
+    elif current == version:
+        champion_accuracy = candidate.accuracy
+    promoted = current != version and (champion_accuracy is None or candidate.accuracy >= champion_accuracy)
+    tracking.tag_version(
+        name,
+        version,
+        {
+            "promotion_val_acc": f"{candidate.accuracy:.6f}",
+            "promotion_champion_val_acc": "none" if champion_accuracy is None else f"{champion_accuracy:.6f}",
+            "promotion_champion_version": "none" if current is None else current,
+            "promotion_data": data,
+            "promoted": str(promoted or current == version).lower(),
+        },
+    )
+    if promoted:
+        tracking.set_champion(name, version)
+    return Decision(name, version, candidate.accuracy, current, champion_accuracy, promoted or current == version)
+
+
+def _evaluate_version(uri: str, data: str) -> Evaluation:
+    classifier = tracking.load_classifier(uri)
+    return evaluate(classifier.model, classifier.preprocessing, data, what=uri)
 
 
 def run(config: PromoteConfig) -> int:
-    raise NotBuiltYet("issue 4")
+    tracking.use_tracking()
+    decision = promote(config.name, config.version, config.data)
+    click.echo(decision.describe())
+    return 0
 
 
 if __name__ == "__main__":

@@ -155,8 +155,8 @@ def log_figure(run_id: str, figure: Any, artifact_file: str) -> None:
     client().log_figure(run_id, figure, artifact_file)
 
 
-def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
-    c = client()
+def set_tags(run_id: str, tags: Mapping[str, Any], *, uri: str | None = None) -> None:
+    c = client(uri)
     for key, value in tags.items():
         c.set_tag(run_id, key, str(value))
 

@@ -1,12 +1,298 @@
-"""`cnnflow train` (DESIGN.md). Placeholder until issue 4 lands."""
+"""`cnnflow train DATA`: data-parallel training on Ray Train, tracked in MLflow, registered.
+
+The driver checks everything it can before any worker starts (DATA is a prep output
+with train and val rows, the model builds at the data's image size, the cluster has the
+CPUs/GPUs asked for), creates the MLflow run, then runs a `TorchTrainer` over Ray
+Datasets read from the shards (`workflows/train_loop.py` is the per-worker side). After
+the fit it evaluates the final model on the whole validation split, logs the artifacts
+and the model, registers a new version and, with --promote, moves `champion` if earned.
+"""
 from __future__ import annotations
 
-from workflows.config import TrainConfig
-from workflows.errors import NotBuiltYet
+import os
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import click
+import numpy as np
+import torch
+import yaml
+from matplotlib.figure import Figure
+
+from cnn.models import ModelSpec, build_model, model_from_state
+from cnn.summary import summarize
+from data_prep.schema import TRAIN, VAL, join, read_manifest
+from workflows import __version__, tracking
+from workflows.config import TrainConfig, model_options, to_dict
+from workflows.errors import CnnflowError
+from workflows.promote import Evaluation, evaluate, promote
+from workflows.pyfunc_model import preprocessing_from_manifest
+from workflows.ray_runtime import ray_session
+from workflows.train_loop import CHECKPOINT_FILE, PID_FILE_ENV, LoopConfig, train_loop
+
+# channels_last on CPU measured slower for these small convnets (bench/bench_train.py);
+# on GPU it is what the tensor cores want.
+CPU_CHANNELS_LAST = False
+
+
+@dataclass
+class Plan:
+    """Everything decided before Ray starts: resolved options, data, model."""
+
+    config: TrainConfig
+    data: str  # absolute path or URI
+    manifest: dict[str, Any]
+    spec: ModelSpec
+    register_as: str
+
+
+def plan(config: TrainConfig) -> Plan:
+    """Check DATA and the model; a clear error here costs no worker start-up."""
+    data = config.data if "://" in config.data else os.path.abspath(config.data)
+    try:
+        manifest = read_manifest(data)
+    except ValueError as exc:
+        raise CnnflowError(str(exc)) from None
+    rows = manifest.get("num_rows", {})
+    for split in (TRAIN, VAL):
+        if not rows.get(split):
+            raise CnnflowError(f"{data} has no {split} images (num_rows: {rows}); run prep with labels and a val split")
+    if config.weights and not os.path.exists(config.weights):
+        raise CnnflowError(f"--weights {config.weights}: no such file")
+    spec = ModelSpec(config.model, len(manifest["classes"]), manifest["image_size"], model_options(config))
+    try:
+        build_model(spec)
+    except ValueError as exc:
+        raise CnnflowError(f"model {config.model!r} on {spec.image_size} px images: {exc}") from None
+    register_as = config.register_as or PurePosixPath(data.rstrip("/")).name
+    return Plan(config, data, manifest, spec, register_as)
+
+
+def resolved_options(p: Plan) -> dict[str, Any]:
+    return {**to_dict(p.config), "data": p.data, "register_as": p.register_as}
 
 
 def run(config: TrainConfig) -> int:
-    raise NotBuiltYet("issue 4")
+    p = plan(config)
+    with ray_session(config):
+        scaling = scaling_for(config)
+        uri = tracking.use_tracking()
+        try:
+            with tracking.training_run(
+                experiment=config.experiment, run_name=config.run_name, params=resolved_options(p), tags=run_tags(p)
+            ) as run_id:
+                click.echo(f"MLflow run {tracking.run_url(run_id, uri)} in experiment {config.experiment!r}")
+                click.echo(f"  open it with: {tracking.ui_hint(uri)}")
+                outcome = train_and_register(p, run_id, uri, scaling)
+        except TrainingFailed as exc:
+            raise CnnflowError(str(exc)) from None
+    click.echo(
+        f"registered {p.register_as} v{outcome['version']}  val_acc {outcome['evaluation'].accuracy:.4f}  (run {run_id})"
+    )
+    if outcome["decision"] is not None:
+        click.echo(outcome["decision"].describe())
+    return 0
+
+
+class TrainingFailed(CnnflowError):
+    """Ray Train gave up (more failures than --max-failures); the MLflow run is FAILED."""
+
+
+def scaling_for(config: TrainConfig) -> Any:
+    """Worker resources that leave the data pipeline a CPU: pools that take every CPU hang."""
+    import ray
+    from ray.train import ScalingConfig
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+    if config.gpu:
+        if gpus < config.workers:
+            raise CnnflowError(f"--gpu --workers {config.workers} needs {config.workers} GPUs; this Ray has {gpus:g}")
+        return ScalingConfig(num_workers=config.workers, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1})
+    if cpus < config.workers:
+        raise CnnflowError(f"--workers {config.workers} needs {config.workers} CPUs; this Ray has {cpus:g}")
+    # Reserve one logical CPU for reading shards; workers share the rest (at most 1 each).
+    per_worker = min(1.0, (cpus - 1) / config.workers) if cpus > 1 else 0.5
+    return ScalingConfig(num_workers=config.workers, use_gpu=False, resources_per_worker={"CPU": per_worker})
+
+
+def torch_threads(config: TrainConfig) -> int:
+    """Intra-op threads per worker: its share of the smallest node's cores."""
+    import ray
+
+    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+    per_node = int(min(node_cpus)) if node_cpus else 1
+    return max(1, per_node // min(config.workers, per_node or 1))
+
+
+def run_tags(p: Plan) -> dict[str, str]:
+    import ray
+
+    m = p.manifest
+    return {
+        "content_hash": str(m.get("content_hash", "")),
+        "data": p.data,
+        "classes": ",".join(m["classes"])[:4000],
+        "num_classes": str(len(m["classes"])),
+        "model": p.spec.name,
+        "workers": str(p.config.workers),
+        "device": "gpu" if p.config.gpu else "cpu",
+        "cnnflow_version": __version__,
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def train_and_register(p: Plan, run_id: str, uri: str, scaling: Any) -> dict[str, Any]:
+    state = fit(p, run_id, uri, scaling)
+    model, spec = model_from_state(state["model"])
+    preprocessing = preprocessing_from_manifest(p.manifest)
+    device = "cuda" if p.config.gpu and torch.cuda.is_available() else "cpu"
+    evaluation = evaluate(model.eval(), preprocessing, p.data, device=device)
+    log_artifacts(p, run_id, model, evaluation)
+    version = tracking.log_and_register_model(
+        run_id,
+        state=state["model"],
+        preprocessing=preprocessing,
+        register_as=p.register_as,
+        version_tags={
+            "run_id": run_id,
+            "content_hash": p.manifest.get("content_hash", ""),
+            "val_acc": f"{evaluation.accuracy:.6f}",
+            "data": p.data,
+        },
+    )
+    decision = None
+    if p.config.promote:
+        decision = promote(p.register_as, int(version.version), p.data, candidate=evaluation)
+    return {"version": int(version.version), "evaluation": evaluation, "decision": decision}
+
+
+def fit(p: Plan, run_id: str, uri: str, scaling: Any) -> dict[str, Any]:
+    """Run the TorchTrainer; return the last checkpoint's contents."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    c = p.config
+    loop = LoopConfig(
+        spec={"name": p.spec.name, "num_classes": p.spec.num_classes, "image_size": p.spec.image_size, "options": p.spec.options},
+        mean=list(p.manifest["mean"]),
+        std=list(p.manifest["std"]),
+        train_rows=int(p.manifest["num_rows"][TRAIN]),
+        epochs=c.epochs,
+        batch_size=c.batch_size,
+        lr=c.lr,
+        optimizer=c.optimizer,
+        weight_decay=c.weight_decay,
+        label_smoothing=c.label_smoothing,
+        hflip=c.hflip,
+        max_shift=c.max_shift,
+        seed=c.seed,
+        channels_last=c.gpu or CPU_CHANNELS_LAST,
+        threads=torch_threads(c),
+        tracking_uri=uri,
+        run_id=run_id,
+    )
+    columns = ["image", "label"]
+    datasets = {
+        "train": ray.data.read_parquet(join(p.data, TRAIN), columns=columns, shuffle="files"),
+        "val": ray.data.read_parquet(join(p.data, VAL), columns=columns),
+    }
+    env = {PID_FILE_ENV: os.environ[PID_FILE_ENV]} if os.environ.get(PID_FILE_ENV) else {}
+    storage = c.storage if c.storage is None or "://" in c.storage else os.path.abspath(c.storage)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop.to_dict(),
+        scaling_config=scaling,
+        datasets=datasets,
+        run_config=RunConfig(
+            name=f"cnnflow-{run_id}",  # one Ray Train run per MLflow run
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=c.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            worker_runtime_env={"env_vars": env} if env else None,
+        ),
+    )
+    from ray.train import TrainingFailedError
+
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        raise TrainingFailed(f"training failed after {c.max_failures} retries: {_first_line(exc)}") from exc
+    if result.checkpoint is None:
+        raise TrainingFailed("training ended without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        return torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+# --- artifacts ---------------------------------------------------------------------------
+
+
+def log_artifacts(p: Plan, run_id: str, model: torch.nn.Module, evaluation: Evaluation) -> None:
+    from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, precision_recall_fscore_support
+
+    classes = list(p.manifest["classes"])
+    tracking.log_dict(run_id, p.manifest, "manifest.json")
+    tracking.log_text(run_id, yaml.safe_dump(resolved_options(p), sort_keys=False), "config.yaml")
+    tracking.log_text(run_id, summarize(model, p.spec.image_size).table() + "\n", "model_summary.txt")
+
+    labels = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        evaluation.labels, evaluation.predictions, labels=labels, zero_division=0
+    )
+    per_class = {
+        name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+        for i, name in enumerate(classes)
+    }
+    tracking.log_dict(run_id, {"accuracy": evaluation.accuracy, "loss": evaluation.loss, "classes": per_class}, "per_class.json")
+
+    cm = confusion_matrix(evaluation.labels, evaluation.predictions, labels=labels)
+    side = 3 + 0.5 * len(classes)
+    fig = Figure(figsize=(side, side))
+    ConfusionMatrixDisplay(cm, display_labels=classes).plot(ax=fig.subplots(), colorbar=False, xticks_rotation="vertical")
+    fig.suptitle(f"validation, accuracy {evaluation.accuracy:.3f}")
+    fig.tight_layout()
+    tracking.log_figure(run_id, fig, "confusion_matrix.png")
+    tracking.log_figure(run_id, curves_figure(run_id), "curves.png")
+    if evaluation.misclassified:
+        tracking.log_figure(run_id, misclassified_figure(evaluation, classes), "misclassified.png")
+
+
+def curves_figure(run_id: str) -> Figure:
+    """Loss, accuracy and learning rate per epoch, read back from the run itself."""
+    fig = Figure(figsize=(12, 3.5))
+    axes = fig.subplots(1, 3)
+    for ax, (title, keys) in zip(axes, [("loss", ("train_loss", "val_loss")), ("accuracy", ("train_acc", "val_acc")), ("learning rate", ("lr",))]):
+        for key in keys:
+            history = tracking.metric_history(run_id, key)
+            ax.plot([s for s, _ in history], [v for _, v in history], marker="o", label=key)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def misclassified_figure(evaluation: Evaluation, classes: list[str]) -> Figure:
+    shown = evaluation.misclassified
+    cols = min(5, len(shown))
+    rows = -(-len(shown) // cols)
+    fig = Figure(figsize=(2.2 * cols, 2.4 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, (pixels, true, predicted) in zip(axes, shown):
+        ax.imshow(pixels)
+        ax.set_title(f"true {classes[true]}\npred {classes[predicted]}", fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 if __name__ == "__main__":

@@ -1,0 +1,208 @@
+"""`cnnflow train` end to end: real local Ray Train, real MLflow (SQLite), real shards.
+
+The data are stripe patterns whose class can be read from the pixels (tests/images.py),
+small enough (16 px) that a few epochs on 2 CPUs learn them.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from data_prep.schema import SHARD_SCHEMA
+from tests.images import label_from_pixels, pattern_pixels
+from workflows import tracking
+from workflows.config import ConfigError, TrainConfig
+from workflows.errors import CnnflowError
+from workflows.train import run
+from workflows.train_loop import PID_FILE_ENV
+
+CLASSES = ("horizontal", "vertical", "checker")
+SIZE = 16
+
+
+def write_shards(root: Path, *, train_per_class: int = 40, val_per_class: int = 12, size: int = SIZE, seed: int = 0) -> Path:
+    """A prep-shaped output (shards + manifest) of stripe patterns, rows in class order."""
+    rng = np.random.default_rng(seed)
+    train_pixels = []
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        images, labels = [], []
+        for label in range(len(CLASSES)):
+            for _ in range(per_class):
+                images.append(pattern_pixels(label, size, rng))
+                labels.append(label)
+        if split == "train":
+            train_pixels = np.stack(images)
+        (root / split).mkdir(parents=True)
+        n = len(labels)
+        table = pa.table(
+            {
+                "image": [img.tobytes() for img in images],
+                "label": np.array(labels, dtype=np.int32),
+                "path": [f"{CLASSES[y]}/{i}.png" for i, y in enumerate(labels)],
+                "sha256": [f"{i:064x}" for i in range(n)],
+                "orig_height": np.full(n, size, np.int32),
+                "orig_width": np.full(n, size, np.int32),
+            },
+            schema=SHARD_SCHEMA,
+        )
+        pq.write_table(table, root / split / "part-00000.parquet")
+    scaled = train_pixels / 255.0
+    manifest = {
+        "format_version": 1,
+        "classes": list(CLASSES),
+        "counts": {"train": {c: train_per_class for c in CLASSES}, "val": {c: val_per_class for c in CLASSES}},
+        "num_rows": {"train": train_per_class * len(CLASSES), "val": val_per_class * len(CLASSES)},
+        "image_size": size,
+        "resize": "squash",
+        "mean": scaled.mean(axis=(0, 1, 2)).tolist(),
+        "std": scaled.std(axis=(0, 1, 2)).tolist(),
+        "content_hash": f"stripes-{seed}",
+        "input": "generated",
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture
+def stripes(tmp_path: Path) -> Path:
+    return write_shards(tmp_path / "stripes")
+
+
+def small(data: Path, tmp_path: Path, **overrides: object) -> TrainConfig:
+    options = dict(
+        data=str(data),
+        model="simple",
+        width=8,
+        depth=2,
+        epochs=3,
+        batch_size=16,
+        lr=0.01,
+        storage=str(tmp_path / "checkpoints"),
+        experiment="tests",
+    )
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+def only_run(experiment: str = "tests") -> mlflow.entities.Run:
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    assert len(runs) == 1
+    return runs[0]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_one_worker_learns_and_the_run_is_complete(ray_local, mlflow_uri, stripes, tmp_path):
+    assert run(small(stripes, tmp_path, run_name="first")) == 0
+    r = only_run()
+    client = tracking.client()
+
+    # Learns: loss falls, accuracy well above chance (1/3).
+    loss = [v for _, v in tracking.metric_history(r.info.run_id, "train_loss")]
+    assert loss[-1] < loss[0]
+    assert r.data.metrics["val_acc"] > 0.8
+
+    # One value per epoch per metric, at steps 1..epochs.
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "epoch_time_s"):
+        assert [s for s, _ in tracking.metric_history(r.info.run_id, key)] == [1, 2, 3], key
+
+    assert r.info.status == "FINISHED" and r.info.run_name == "first"
+    for key, value in {"model": "simple", "epochs": "3", "batch_size": "16", "workers": "1", "register_as": "stripes"}.items():
+        assert r.data.params[key] == value
+    assert set(TrainConfig.__dataclass_fields__) <= set(r.data.params)
+    tags = r.data.tags
+    assert tags["content_hash"] == "stripes-0" and tags["classes"] == ",".join(CLASSES)
+    assert tags["device"] == "cpu" and tags["workers"] == "1" and tags["ray_version"]
+
+    artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {
+        "manifest.json", "config.yaml", "model_summary.txt", "confusion_matrix.png", "curves.png", "per_class.json",
+    } <= artifacts
+    per_class = mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/per_class.json")
+    assert set(per_class["classes"]) == set(CLASSES)
+
+    # Registered as the data folder's name, tagged; loadable as plain PyTorch and as pyfunc.
+    version = client.get_model_version("stripes", "1")
+    assert version.tags["run_id"] == r.info.run_id and version.tags["content_hash"] == "stripes-0"
+    assert float(version.tags["val_acc"]) > 0.8
+    classifier = tracking.load_classifier("models:/stripes/1")
+    assert classifier.uri == "models:/stripes/1" and classifier.preprocessing["classes"] == list(CLASSES)
+
+    rng = np.random.default_rng(7)
+    images = [pattern_pixels(label, 40, rng) for label in (0, 1, 2, 0, 1, 2)]
+    pyfunc = mlflow.pyfunc.load_model("models:/stripes/1")
+    out = pyfunc.predict(pd.DataFrame({"image": [png(p) for p in images] + [b"not an image"]}))
+    truth = [CLASSES[label_from_pixels(p)] for p in images]
+    assert (out["label"][:6] == truth).mean() >= 5 / 6
+    assert out["error"][6] and out["error"][:6].isna().all()
+    assert np.allclose([sum(p) for p in out["probabilities"][:6]], 1.0, atol=1e-4)
+
+
+def test_two_workers_learn(ray_local, mlflow_uri, stripes, tmp_path):
+    assert run(small(stripes, tmp_path, workers=2, register_as="two")) == 0
+    r = only_run()
+    assert r.data.metrics["val_acc"] > 0.8
+    assert r.data.tags["workers"] == "2"
+    assert [s for s, _ in tracking.metric_history(r.info.run_id, "val_acc")] == [1, 2, 3]
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint(ray_local, mlflow_uri, tmp_path, monkeypatch):
+    data = write_shards(tmp_path / "bigger", train_per_class=150)
+    pid_file = tmp_path / "worker.pid"
+    monkeypatch.setenv(PID_FILE_ENV, str(pid_file))
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint() -> None:
+        # Epoch 1 is logged only once its checkpoint is stored: then kill rank 0 for real.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            runs = mlflow.search_runs(experiment_names=["tests"], output_format="list")
+            if runs and tracking.metric_history(runs[0].info.run_id, "val_acc"):
+                pid = int(Path(f"{pid_file}.0").read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    assert run(small(data, tmp_path, epochs=4, max_failures=2)) == 0
+    killer.join()
+
+    assert killed, "the worker was never killed"
+    assert int(Path(f"{pid_file}.0").read_text()) != killed[0]  # a new worker took over
+    r = only_run()
+    assert r.info.status == "FINISHED"
+    resumed = int(r.data.tags["resumed_from_epoch"])
+    assert 1 <= resumed < 4  # from a checkpoint, not from scratch
+    for key in ("train_loss", "val_acc", "lr"):
+        assert [s for s, _ in tracking.metric_history(r.info.run_id, key)] == [1, 2, 3, 4], key
+
+
+def test_errors_come_before_any_worker_or_run(ray_local, mlflow_uri, stripes, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a `cnnflow prep` output"):
+        run(small(tmp_path / "nowhere", tmp_path))
+    with pytest.raises(ConfigError, match="unknown model 'vgg'; known models: resnet18, seed, simple"):
+        small(stripes, tmp_path, model="vgg")
+    with pytest.raises(CnnflowError, match="too small"):
+        run(small(stripes, tmp_path, depth=6))  # 16 px cannot take 6 poolings
+    with pytest.raises(CnnflowError, match="needs 3 CPUs"):
+        run(small(stripes, tmp_path, workers=3))
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
