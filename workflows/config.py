@@ -71,7 +71,9 @@ class PrepConfig(RayOptions):
         "(first group matched on the file name) or csv:FILE (rows path,label).",
     )
     unlabeled: bool = option(False, "Input has no labels: any nesting, label -1, no split.")
-    rows_per_shard: int = option(2048, "Images per Parquet file.")
+    rows_per_shard: int = option(
+        2048, "Most images per Parquet file (fewer when that keeps every CPU busy)."
+    )
 
     def __post_init__(self) -> None:
         _check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
