@@ -337,6 +337,32 @@ def test_rerun_replaces_output_and_content_hash_tracks_bytes_and_labels(image_fo
     assert read_manifest(str(out))["content_hash"] not in (changed_bytes, second["content_hash"])
 
 
+def test_pyarrow_uris_for_input_and_output(image_folder, ray_local, tmp_path: Path) -> None:
+    root, specs = image_folder(classes=("x", "y"), per_class=5)
+    out = tmp_path / "out"
+    assert run(PrepConfig(input=root.as_uri(), output=out.as_uri(), image_size=SIZE)) == 0
+    manifest = read_manifest(out.as_uri())
+    assert manifest["input"] == root.as_uri()
+    assert sorted(r["path"] for r in rows(out, "train") + rows(out, "val")) == sorted(
+        s.path.relative_to(root).as_posix() for s in specs
+    )
+
+
+def test_cli_prints_a_summary_and_errors_as_one_line(image_folder, ray_local, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from workflows.cli import cli
+
+    root, _ = image_folder(classes=("x", "y"), per_class=4)
+    ok = CliRunner().invoke(cli, ["prep", str(root), str(tmp_path / "out"), "--image-size", "16"])
+    assert ok.exit_code == 0, ok.output
+    assert "scanned 8 = written 8 + skipped 0 + quarantined 0" in ok.output
+    assert read_manifest(str(tmp_path / "out"))["image_size"] == 16
+    bad = CliRunner().invoke(cli, ["prep", str(tmp_path / "nowhere"), str(tmp_path / "out2")])
+    assert bad.exit_code == 1
+    assert bad.output.strip().splitlines() == [f"error: input {tmp_path / 'nowhere'} does not exist"]
+
+
 # --- errors -------------------------------------------------------------------------------
 
 

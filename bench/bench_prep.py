@@ -1,0 +1,223 @@
+"""Benchmark `cnnflow prep` against the two ways a user would otherwise prepare a folder.
+
+    python bench/bench_prep.py [--n 8000] [--size 128] [--memory 2000,16000] [--workdir DIR]
+
+On a generated folder of N photo-like JPEGs (300-500 px per side, smooth gradients and
+noise, two classes; generated once and cached in WORKDIR), it times, each in a fresh
+process, wall clock from process start to exit (imports, Ray start-up and shutdown
+included):
+
+  (a) the tutorial's loop: open, convert, resize each file into a list; one Parquet file
+  (b) the straightforward Ray Data recipe: read_images(size=..., mode="RGB",
+      include_paths=True), label from the path, write_parquet
+  (c) cnnflow prep
+
+and prints wall time, images/s, peak memory (PSS summed over the job's process tree, so
+Ray's processes count and shared pages count once) and the ratios. `--memory A,B` runs
+(c) again at N = A and N = B and prints the peak-memory ratio. The files are read once
+before timing so that every approach finds them in the page cache. Not run in CI;
+timings on a shared machine are noisy, so compare ratios measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("cat", "dog")
+
+PLAIN_LOOP = r"""
+import sys
+from pathlib import Path
+import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+from PIL import Image
+
+folder, out, size = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+images, labels, paths = [], [], []
+for label, name in enumerate(sorted(p.name for p in folder.iterdir())):
+    for path in sorted((folder / name).iterdir()):
+        img = Image.open(path).convert("RGB").resize((size, size))
+        images.append(np.asarray(img))
+        labels.append(label)
+        paths.append(str(path.relative_to(folder)))
+table = pa.table({"image": [a.tobytes() for a in images], "label": pa.array(labels, pa.int32()), "path": paths})
+pq.write_table(table, out)
+"""
+
+RAY_DATA_RECIPE = r"""
+import sys
+import ray
+
+folder, out, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+classes = ["cat", "dog"]
+ray.init()
+ds = ray.data.read_images(folder, size=(size, size), mode="RGB", include_paths=True)
+ds = ds.map(lambda row: {**row, "label": classes.index(row["path"].split("/")[-2])})
+ds.write_parquet(out)
+ray.shutdown()
+"""
+
+
+# --- inputs --------------------------------------------------------------------------------
+
+
+def _photo(args: tuple[int, int]) -> None:
+    """One photo-like JPEG: two colour gradients, soft waves (class-dependent), noise."""
+    from PIL import Image
+
+    i, n_pool = args
+    rng = np.random.default_rng(i)
+    h, w = (int(v) for v in rng.integers(300, 501, size=2))
+    label = i % 2
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32) / max(h, w)
+    angle = rng.uniform(0, 2 * np.pi)
+    t = (np.cos(angle) * x + np.sin(angle) * y)[..., None]
+    a, b = rng.uniform(0, 255, 3).astype(np.float32), rng.uniform(0, 255, 3).astype(np.float32)
+    waves = (x if label == 0 else y) * rng.uniform(4, 14)
+    img = a * (1 - t) + b * t + 35 * np.sin(waves)[..., None] + rng.normal(0, 6, (h, w, 3)).astype(np.float32)
+    path = _pool_path(Path(os.environ["BENCH_POOL"]), i)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def _pool_path(pool: Path, i: int) -> Path:
+    return pool / CLASSES[i % 2] / f"{CLASSES[i % 2]}_{i:06d}.jpg"
+
+
+def make_folder(workdir: Path, n: int) -> Path:
+    """WORKDIR/n<N>/{cat,dog}/*.jpg: hard links into a cached pool of generated photos."""
+    pool, folder, done = workdir / "pool", workdir / f"n{n}", workdir / f"n{n}.complete"
+    if done.exists():
+        return folder
+    for name in CLASSES:
+        (pool / name).mkdir(parents=True, exist_ok=True)
+    missing = [(i, n) for i in range(n) if not _pool_path(pool, i).exists()]
+    if missing:
+        print(f"generating {len(missing)} photos in {pool} (cached for later runs) ...", flush=True)
+        os.environ["BENCH_POOL"] = str(pool)
+        with ProcessPoolExecutor(os.cpu_count()) as ex:
+            list(ex.map(_photo, missing, chunksize=64))
+    shutil.rmtree(folder, ignore_errors=True)
+    for i in range(n):
+        target = folder / _pool_path(pool, i).relative_to(pool)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(_pool_path(pool, i), target)
+    done.touch()
+    return folder
+
+
+def warm_page_cache(folder: Path) -> None:
+    for path in folder.rglob("*.jpg"):
+        path.read_bytes()
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def tree_pss(pid: int) -> int:
+    """Bytes of PSS over `pid` and all its descendants (Ray's raylet, GCS, workers...)."""
+    tree, stack, total = _children(), [pid], 0
+    while stack:
+        p = stack.pop()
+        stack += tree.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            pass
+    return total
+
+
+def measure(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak tree PSS of one command, sampled every 0.2 s."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    peak = 0
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr: list[bytes] = []
+    reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        peak = max(peak, tree_pss(proc.pid))
+        time.sleep(0.2)
+    seconds = time.perf_counter() - started
+    reader.join()
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{b''.join(stderr).decode()[-3000:]}")
+    return seconds, peak
+
+
+def run_prep(folder: Path, out: Path, size: int) -> tuple[float, int]:
+    shutil.rmtree(out, ignore_errors=True)
+    cnnflow = [sys.executable, "-m", "workflows.prep"]
+    return measure([*cnnflow, str(folder), str(out), "--image-size", str(size)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=8000, help="images in the timed folder")
+    parser.add_argument("--size", type=int, default=128, help="image size written, px")
+    parser.add_argument("--memory", default="2000,16000", help="A,B: peak memory of prep at N=A vs N=B ('' to skip)")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cnnflow-bench-prep")
+    parser.add_argument("--only", default="abc", help="which of (a) (b) (c) to time")
+    args = parser.parse_args()
+
+    folder = make_folder(args.workdir, args.n)
+    warm_page_cache(folder)
+    out = args.workdir / "out"
+    print(f"N={args.n} photos (300-500 px JPEG), {args.size} px, {os.cpu_count()} CPUs", flush=True)
+    results: dict[str, tuple[float, int]] = {}
+    approaches = {
+        "a": ("(a) plain Python loop", lambda: measure([sys.executable, "-c", PLAIN_LOOP, str(folder), str(out / "a.parquet"), str(args.size)])),
+        "b": ("(b) Ray Data recipe", lambda: measure([sys.executable, "-c", RAY_DATA_RECIPE, str(folder), str(out / "b"), str(args.size)])),
+        "c": ("(c) cnnflow prep", lambda: run_prep(folder, out / "c", args.size)),
+    }  # fmt: skip
+    for key in args.only:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        name, fn = approaches[key]
+        seconds, pss = results[key] = fn()
+        print(f"{name:24s} {seconds:7.1f} s  {args.n / seconds:7.0f} images/s  peak PSS {pss / 2**20:6.0f} MiB", flush=True)
+    if "c" in results:
+        for key, target in (("a", 1.8), ("b", 3.0)):
+            if key in results:
+                ratio = results[key][0] / results["c"][0]
+                print(f"speed-up of (c) over {key}: {ratio:.2f}x (target >= {target}x)")
+
+    if args.memory:
+        small, large = (int(v) for v in args.memory.split(","))
+        peaks = {}
+        for n in (small, large):
+            folder_n = make_folder(args.workdir, n)
+            warm_page_cache(folder_n)
+            seconds, peaks[n] = run_prep(folder_n, out / "mem", args.size)
+            print(f"(c) cnnflow prep N={n:<6d} {seconds:7.1f} s  {n / seconds:7.0f} images/s  peak PSS {peaks[n] / 2**20:6.0f} MiB", flush=True)
+        print(f"peak memory of (c), N={large} vs N={small}: {peaks[large] / peaks[small]:.2f}x (target <= 1.3x)")
+    shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
