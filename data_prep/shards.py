@@ -97,7 +97,6 @@ def write_chunk(
     fs, root = resolve(input)
     result = ChunkResult()
     writers: dict[str, _ShardWriter] = {}
-    offsets = np.arange(3, dtype=np.uint16) * 256  # channel c counts at c*256 + value
     done = 0
     for path, label, split in files:
         try:
@@ -124,8 +123,9 @@ def write_chunk(
                 result.exif_transposed += decoded.exif_transposed
                 result.upscaled += min(decoded.orig_height, decoded.orig_width) < size
                 if split == stats_split:
-                    flat = decoded.pixels.reshape(-1, 3) + offsets
-                    result.histogram += np.bincount(flat.ravel(), minlength=768).reshape(3, 256)
+                    flat = decoded.pixels.reshape(-1, 3)
+                    for c in range(3):
+                        result.histogram[c] += np.bincount(flat[:, c], minlength=256)
         done += 1
         if done % PROGRESS_EVERY == 0:
             yield PROGRESS_EVERY
