@@ -126,7 +126,7 @@ def test_predicts_right_label_one_row_per_file_and_error_rows(ray_local, registr
     assert summary["model_uri"] == registry and summary["model_version"] == 1
     expected = pd.Series(truth).map(lambda k: CLASSES[k]).value_counts().to_dict()
     assert summary["counts"] == {c: expected.get(c, 0) for c in CLASSES}
-    assert summary["images_per_s"] > 0 and summary["skipped_files"] == {"not an image (extension)": 1}
+    assert summary["images_per_s"] > 0 and summary["skipped_files"] == {"not an image by extension (.txt)": 1}
 
 
 def test_pyfunc_model_gives_the_same_labels_as_the_batch_job(ray_local, registry, folder, tmp_path):

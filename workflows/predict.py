@@ -10,7 +10,6 @@ that dies leaves only whole files behind and the next run resumes from them.
 """
 from __future__ import annotations
 
-import posixpath
 import time
 import uuid
 from collections import Counter
@@ -28,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from data_prep import schema
-from data_prep.decode import IMAGE_EXTENSIONS
+from data_prep.scan import PrepError, normalize_uri, scan
 from workflows.config import PredictConfig
 from workflows.errors import CnnflowError
 
@@ -106,8 +105,7 @@ class Inputs:
 
 def find_inputs(uri: str, preprocessing: dict[str, Any]) -> Inputs:
     """An image folder (recursive, labels ignored) or a `cnnflow prep` output."""
-    fs, root = schema.resolve(uri)
-    root = root.rstrip("/") or "/"
+    fs, root = schema.resolve(normalize_uri(uri))
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input {uri} does not exist")
@@ -116,22 +114,12 @@ def find_inputs(uri: str, preprocessing: dict[str, Any]) -> Inputs:
     if fs.get_file_info(schema.join(root, schema.MANIFEST)).type == pafs.FileType.File:
         return _prep_output(uri, fs, root, preprocessing)
 
-    paths: list[str] = []
-    skipped: Counter[str] = Counter()
-    for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        if entry.type != pafs.FileType.File:
-            continue
-        rel = entry.path[len(root) :].lstrip("/")
-        if any(part.startswith(".") for part in rel.split("/")):
-            skipped["hidden"] += 1
-        elif posixpath.splitext(rel)[1].lower() not in IMAGE_EXTENSIONS:
-            skipped["not an image (extension)"] += 1
-        else:
-            paths.append(rel)
-    if not paths:
-        found = ", ".join(f"{n} {why}" for why, n in skipped.items()) or "no files"
-        raise CnnflowError(f"no images under {uri} ({found}); image extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}")
-    return Inputs("image folder", fs, root, pa.array(sorted(paths), pa.string()), dict(skipped), [])
+    try:  # prep's own listing: the same files count as images, the same are skipped
+        found = scan(uri, unlabeled=True)
+    except PrepError as exc:
+        raise CnnflowError(str(exc)) from None
+    paths = pa.array([f.path for f in found.files], pa.string())
+    return Inputs("image folder", fs, root, paths, dict(Counter(s["reason"] for s in found.skipped)), [])
 
 
 def _prep_output(uri: str, fs: pafs.FileSystem, root: str, preprocessing: dict[str, Any]) -> Inputs:
@@ -180,7 +168,9 @@ def build_dataset(config: PredictConfig, inputs: Inputs, todo: pa.Array, classif
                                 num_cpus=plan.decode_cpus, fn_kwargs={"scored": scored})
         ds = ds.map_batches(pipe.shard_rows, batch_format="pyarrow", batch_size=None, num_cpus=plan.decode_cpus)
     else:
-        chunks = [pa.table({"path": todo.slice(i, pipe.DECODE_BATCH)}) for i in range(0, len(todo), pipe.DECODE_BATCH)]
+        # Small jobs still get a few blocks per replica, so that every replica has work.
+        step = max(16, min(pipe.DECODE_BATCH, -(-len(todo) // (4 * plan.replicas))))
+        chunks = [pa.table({"path": todo.slice(i, step)}) for i in range(0, len(todo), step)]
         ds = ray.data.from_arrow(chunks).map_batches(
             pipe.decode_batch,
             batch_format="pyarrow",
@@ -191,7 +181,7 @@ def build_dataset(config: PredictConfig, inputs: Inputs, todo: pa.Array, classif
     state = ray.put(model_state(classifier.model, classifier.spec))
     ds = ds.map_batches(
         pipe.Scorer,
-        batch_size=config.batch_size,
+        batch_size=config.batch_size or (pipe.GPU_BATCH if config.gpu else pipe.CPU_BATCH),
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=plan.replicas),
         num_cpus=plan.actor_cpus,

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
 
+from data_prep import schema
 from data_prep.decode import UndecodableImage, decode_image
 
 # The output table of DESIGN.md; `probabilities` follow the model's classes order.
@@ -43,6 +44,10 @@ OUTPUT_SCHEMA = pa.schema(
 # Files per decode task: enough to amortise a task's ~ms overhead, small enough that the
 # blocks (256 x 48 KiB at 128 px = 12 MiB) stream through the object store.
 DECODE_BATCH = 256
+ACTOR_CPUS = 0.5  # Ray's logical CPUs per model replica, at most (see plan_pool)
+# Images per model call when --batch-size is not given: on CPU the time per image is flat
+# from 32 to 256 (measured) while activation memory grows with the batch; GPUs want more.
+CPU_BATCH, GPU_BATCH = 64, 256
 # bf16 on GPU keeps a row's label only when its top two logits are far enough apart;
 # rows closer than this (in logits) are recomputed in float32.
 BF16_MARGIN = 0.25
@@ -63,33 +68,32 @@ def plan_pool(workers: int, *, gpu: bool, cluster_cpus: float, cluster_gpus: flo
     """Size the model pool so that decoding always keeps CPUs.
 
     Ray schedules by logical CPUs: a pool that holds every CPU leaves none for the decode
-    tasks that feed it, and the job waits forever. So the replicas share at most all CPUs
-    but one (fractional CPUs each when `workers` is large), and a decode task asks for one
-    CPU (half of one on a single-CPU Ray). Torch threads are a physical matter: the
-    replicas split the CPUs between them (a decode task runs beside them: PIL's decoding
-    is a small share of the work next to the model, measured).
+    tasks that feed it, and the job waits forever. So a decode task asks for one CPU
+    (half of one on a single-CPU Ray) and the replicas share what is left after one
+    decode task, at most ACTOR_CPUS each. Asking for a different amount than the decode
+    tasks also keeps Ray Data from fusing decoding into the actors, where it would take
+    turns with the model instead of running beside it.
+
+    Torch threads are the physical side: the replicas split the machine's cores between
+    them, and the decode tasks run beside them (decoding at draft scale is a small share
+    of the work next to a CNN, see bench/bench_predict.py).
     """
+    decode_cpus = 1.0 if cluster_cpus >= 2 else cluster_cpus / 2
     if gpu:
         if cluster_gpus < 1:
             from workflows.errors import CnnflowError
 
             raise CnnflowError("--gpu was given but the Ray cluster has no GPUs")
         replicas = min(workers, int(cluster_gpus))
-        free = max(cluster_cpus - 1, 0.5)
-        return PoolPlan(
-            replicas=replicas,
-            actor_cpus=min(1.0, free / replicas),
-            actor_gpus=1.0,
-            torch_threads=1,  # the GPU does the work; one thread feeds it
-            decode_cpus=1.0 if cluster_cpus >= 2 else 0.5,
-        )
-    free = cluster_cpus - 1 if cluster_cpus >= 2 else cluster_cpus / 2
+    else:
+        replicas = workers
+    free = cluster_cpus - decode_cpus
     return PoolPlan(
-        replicas=workers,
-        actor_cpus=min(1.0, free / workers),
-        actor_gpus=0.0,
-        torch_threads=max(1, math.floor(cluster_cpus / workers)),
-        decode_cpus=1.0 if cluster_cpus >= 2 else cluster_cpus / 2,
+        replicas=replicas,
+        actor_cpus=min(ACTOR_CPUS, free / replicas),
+        actor_gpus=1.0 if gpu else 0.0,
+        torch_threads=1 if gpu else max(1, math.floor(cluster_cpus / replicas)),  # on GPU one thread feeds it
+        decode_cpus=decode_cpus,
     )
 
 
@@ -144,15 +148,6 @@ def shard_rows(batch: pa.Table) -> pa.Table:
 
 
 # --- model stage (Ray actors) ------------------------------------------------------------
-
-
-def pixels_of(images: pa.Array, size: int) -> np.ndarray:
-    """A binary column of equal-length raw pixels -> uint8 (N, size, size, 3), no copy."""
-    if isinstance(images, pa.ChunkedArray):
-        images = images.combine_chunks()
-    offsets = np.frombuffer(images.buffers()[1], dtype=np.int32)[images.offset : images.offset + len(images) + 1]
-    data = np.frombuffer(images.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-    return data.reshape(len(images), size, size, 3)
 
 
 class Scorer:
@@ -214,7 +209,7 @@ class Scorer:
         probs = np.zeros((0, len(self.classes)), np.float32)
         if ok.any():
             good = pc.filter(batch.column("image"), pa.array(ok))
-            probs = self.probabilities(pixels_of(good, self.size))
+            probs = self.probabilities(schema.pixels(good, self.size))
         # Scatter the scored rows back among the error rows, in input order.
         index = np.flatnonzero(ok)
         best = probs.argmax(axis=1) if len(index) else np.zeros(0, np.int64)
