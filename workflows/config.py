@@ -137,14 +137,14 @@ class PredictConfig(RayOptions):
         "MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/...) or a "
         "registered NAME, meaning models:/NAME@champion (default: the only registered model).",
     )
-    batch_size: int = option(256, "Images per model call.")
+    batch_size: int | None = option(None, "Images per model call (default: 64 on CPU, 256 on GPU).")
     workers: int = option(1, "Model replicas (capped so that decoding keeps CPUs).")
     gpu: bool = option(False, "Give each replica one GPU.")
     format: OutputFormat = option("parquet", "Output file format.")
     overwrite: bool = option(False, "Replace predictions made by another model version.")
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
 
 
