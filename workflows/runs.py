@@ -1,12 +1,54 @@
-"""`cnnflow runs` (DESIGN.md). Placeholder until issue 4 lands."""
+"""`cnnflow runs`: an experiment's runs side by side, newest first."""
 from __future__ import annotations
 
-from workflows.config import RunsConfig
-from workflows.errors import NotBuiltYet
+import datetime as dt
+
+from rich.console import Console
+from rich.table import Table
+
+from workflows import tracking
+from workflows.config import CHAMPION_ALIAS, RunsConfig
+
+# (header, param) columns: the options people change between runs.
+OPTION_COLUMNS = (("model", "model"), ("epochs", "epochs"), ("batch", "batch_size"), ("lr", "lr"), ("workers", "workers"))
+
+
+def table(rows: list[dict], experiment: str) -> Table:
+    t = Table(title=f"experiment {experiment!r}: {len(rows)} most recent runs", title_justify="left")
+    t.add_column("run", no_wrap=True)
+    t.add_column("started")
+    t.add_column("status")
+    for header, _ in OPTION_COLUMNS:
+        t.add_column(header, justify="right")
+    t.add_column("val_acc", justify="right")
+    t.add_column("duration", justify="right")
+    t.add_column("registered", no_wrap=True)
+    for row in rows:
+        params, metrics = row["params"], row["metrics"]
+        val_acc = metrics.get("val_acc")
+        registered = row["registered"] or ""
+        if row["champion"]:
+            registered += f" @{CHAMPION_ALIAS}"
+        t.add_row(
+            f"{row['name']} ({row['run_id'][:8]})",
+            dt.datetime.fromtimestamp(row["start_time"]).strftime("%m-%d %H:%M"),
+            row["status"],
+            *[params.get(param, "") for _, param in OPTION_COLUMNS],
+            "" if val_acc is None else f"{val_acc:.4f}",
+            f"{row['duration_s']:.0f}s",
+            registered,
+            style="bold" if row["champion"] else None,
+        )
+    return t
 
 
 def run(config: RunsConfig) -> int:
-    raise NotBuiltYet("issue 4")
+    rows = tracking.list_runs(config.experiment, config.max_runs)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: no terminal width to fit, keep rows whole
+        console.width = 200
+    console.print(table(rows, config.experiment))
+    return 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 import torch
 from mlflow.entities import Metric, RunStatus
 from mlflow.entities.model_registry import ModelVersion
@@ -74,9 +75,33 @@ def resolved_tracking_uri() -> str:
     return uri
 
 
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a tracking server that is down or is not MLflow.
+
+    MLflow's client retries an unreachable server for minutes before it gives up, and a
+    busy port (macOS's AirPlay on 5000 is the classic) answers with something that is
+    not MLflow; both deserve one clear line instead.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    hint = "start it with `mlflow server --host 127.0.0.1 --port 5000`, or unset MLFLOW_TRACKING_URI to use ./mlflow.db"
+    try:
+        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+    except requests.RequestException as exc:
+        raise CnnflowError(f"MLflow at {uri} is unreachable ({type(exc).__name__}); {hint}") from None
+    if answer.status_code != 200 or answer.text.strip() != "OK":
+        raise CnnflowError(
+            f"{uri} answers, but not as an MLflow server (GET /health gave {answer.status_code}); "
+            f"the port may be taken by another program: {hint}"
+        )
+
+
 def use_tracking() -> str:
     """Point MLflow's fluent API (this process) at the resolved URI and return it."""
     uri = resolved_tracking_uri()
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
@@ -117,6 +142,29 @@ def training_run(*, experiment: str, run_name: str | None, params: Mapping[str, 
         raise
     else:
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def ensure_experiment(name: str, *, artifact_location: str | None = None) -> str:
+    """The experiment's id, creating it (with its artifacts where asked) if it is new."""
+    c = client()
+    existing = c.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    return c.create_experiment(name, artifact_location=artifact_location)
+
+
+def finished_run_id(experiment: str, run_name: str) -> str | None:
+    """The latest FINISHED run of that name in the experiment, if any."""
+    exp = client().get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client().search_runs(
+        [exp.experiment_id],
+        filter_string=f"attributes.run_name = '{run_name}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
 
 
 def run_url(run_id: str, uri: str | None = None) -> str:
@@ -171,6 +219,7 @@ def log_and_register_model(
     preprocessing: dict[str, Any],
     register_as: str,
     version_tags: Mapping[str, Any],
+    example_image: bytes | None = None,
 ) -> ModelVersion:
     """Log the pyfunc model into the (active) run and register a new version of it."""
     active = mlflow.active_run()
@@ -187,6 +236,7 @@ def log_and_register_model(
             python_model=str(code),
             artifacts={"weights": str(weights), "preprocessing": str(prep)},
             signature=SIGNATURE,
+            input_example=None if example_image is None else pd.DataFrame({"image": [example_image]}),
             # Pinned here rather than inferred: inference loads the model in a subprocess.
             pip_requirements=_requirements(),
             metadata={"cnnflow_spec": state["spec"]},
@@ -345,3 +395,45 @@ def load_classifier(model_uri: str) -> Classifier:
             Path(local, files["weights"]["path"]), Path(local, files["preprocessing"]["path"])
         )
     return Classifier(model, spec, preprocessing, uri, name, version)
+
+
+# --- listing -----------------------------------------------------------------------------
+
+
+def list_runs(experiment: str, max_runs: int) -> list[dict[str, Any]]:
+    """The experiment's latest runs as plain rows, with each registered version's champion mark."""
+    c = client()
+    found = c.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in c.search_experiments())
+        raise CnnflowError(f"no experiment {experiment!r}; experiments: {', '.join(names) or 'none'}")
+    runs = c.search_runs([found.experiment_id], max_results=max_runs, order_by=["attributes.start_time DESC"])
+    champions: dict[str, int | None] = {}
+    rows = []
+    for r in runs:
+        registered = r.data.tags.get(REGISTERED_TAG)
+        is_champion = False
+        if registered:
+            name, version = registered.rsplit("/", 1)
+            if name not in champions:
+                try:
+                    champions[name] = champion(name)
+                except CnnflowError:  # the registered model was deleted since
+                    champions[name] = None
+            is_champion = champions[name] == int(version)
+        end = r.info.end_time or int(time.time() * 1000)
+        rows.append(
+            {
+                "run_id": r.info.run_id,
+                "name": r.info.run_name,
+                "status": r.info.status,
+                "start_time": r.info.start_time / 1000,
+                "duration_s": (end - r.info.start_time) / 1000,
+                "params": dict(r.data.params),
+                "metrics": dict(r.data.metrics),
+                "tags": {k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.")},
+                "registered": registered,
+                "champion": is_champion,
+            }
+        )
+    return rows
