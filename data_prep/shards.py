@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep.decode import UndecodableImage, decode_image
+from data_prep.decode import Decoded, UndecodableImage, decode_image
 from data_prep.schema import SHARD_SCHEMA, TRAIN, join, resolve
 
 COMPRESSION = "zstd"  # raw pixels: ~10-30% smaller, decompresses at GB/s
@@ -40,6 +40,18 @@ class ChunkResult:
     # Per-channel histograms (3 x 256 counts) of the stats split's pixels: exact
     # mean and std come from them, and they add up across tasks.
     histogram: np.ndarray = field(default_factory=lambda: np.zeros((3, 256), np.int64))
+
+    def count(self, decoded: Decoded, *, size: int, pixel_stats: bool) -> None:
+        shorter = min(decoded.orig_height, decoded.orig_width)
+        self.modes[decoded.source_mode] += 1
+        self.formats[decoded.source_format] += 1
+        self.sizes[size_bin(shorter)] += 1
+        self.exif_transposed += decoded.exif_transposed
+        self.upscaled += shorter < size
+        if pixel_stats:
+            flat = decoded.pixels.reshape(-1, 3)
+            for c in range(3):  # per channel: bincount on a strided view beats one offset bincount
+                self.histogram[c] += np.bincount(flat[:, c], minlength=256)
 
 
 class _ShardWriter:
@@ -102,30 +114,18 @@ def write_chunk(
         try:
             with fs.open_input_stream(join(root, path)) as src:
                 data = src.read()
+            decoded = decode_image(data, size=size, resize=resize)
+        except UndecodableImage as exc:
+            result.quarantined.append({"path": path, "reason": exc.reason})
         except OSError as exc:  # vanished, permission denied, network error
             result.quarantined.append({"path": path, "reason": f"unreadable: {exc}"})
-            data = None
-        if data is not None:
-            try:
-                decoded = decode_image(data, size=size, resize=resize)
-            except UndecodableImage as exc:
-                result.quarantined.append({"path": path, "reason": exc.reason})
-            else:
-                sha = hashlib.sha256(data).hexdigest()
-                writer = writers.get(split)
-                if writer is None:
-                    writer = writers[split] = _ShardWriter(join(output, split, name), decoded.pixels.nbytes)
-                writer.add((decoded.pixels.tobytes(), label, path, sha, decoded.orig_height, decoded.orig_width))
-                result.written.append((path, sha))
-                result.modes[decoded.source_mode] += 1
-                result.formats[decoded.source_format] += 1
-                result.sizes[size_bin(min(decoded.orig_height, decoded.orig_width))] += 1
-                result.exif_transposed += decoded.exif_transposed
-                result.upscaled += min(decoded.orig_height, decoded.orig_width) < size
-                if split == stats_split:
-                    flat = decoded.pixels.reshape(-1, 3)
-                    for c in range(3):
-                        result.histogram[c] += np.bincount(flat[:, c], minlength=256)
+        else:
+            sha = hashlib.sha256(data).hexdigest()
+            if split not in writers:
+                writers[split] = _ShardWriter(join(output, split, name), decoded.pixels.nbytes)
+            writers[split].add((decoded.pixels.tobytes(), label, path, sha, decoded.orig_height, decoded.orig_width))
+            result.written.append((path, sha))
+            result.count(decoded, size=size, pixel_stats=split == stats_split)
         done += 1
         if done % PROGRESS_EVERY == 0:
             yield PROGRESS_EVERY

@@ -363,6 +363,21 @@ def test_cli_prints_a_summary_and_errors_as_one_line(image_folder, ray_local, tm
     assert bad.output.strip().splitlines() == [f"error: input {tmp_path / 'nowhere'} does not exist"]
 
 
+def test_a_file_that_vanished_after_the_scan_is_quarantined_as_unreadable(tmp_path: Path) -> None:
+    from data_prep.shards import ChunkResult, write_chunk
+
+    (tmp_path / "in/a").mkdir(parents=True)
+    (tmp_path / "in/a/ok.png").write_bytes(encode(pattern_pixels(0, 20, np.random.default_rng(0)), "PNG", "RGB"))
+    (tmp_path / "out/train").mkdir(parents=True)
+    files = [("a/ok.png", 0, "train"), ("a/gone.png", 0, "train")]
+    *progress, result = write_chunk(str(tmp_path / "in"), str(tmp_path / "out"), "p.parquet", files, size=8, resize="crop")
+    assert isinstance(result, ChunkResult) and sum(progress) == 2
+    assert [p for p, _ in result.written] == ["a/ok.png"]
+    assert result.quarantined[0]["path"] == "a/gone.png"
+    assert result.quarantined[0]["reason"].startswith("unreadable")
+    assert pq.read_table(tmp_path / "out/train/p.parquet").num_rows == 1
+
+
 # --- errors -------------------------------------------------------------------------------
 
 

@@ -33,10 +33,10 @@ def run(config: PrepConfig) -> int:
 
     console = Console(stderr=True)
     with ray_session(config), _progress(console) as progress:
-        task = progress.add_task("decoding", total=None)
+        task = progress.add_task("scanning", total=None)
 
         def on_progress(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+            progress.update(task, description="decoding", completed=done, total=total)
 
         try:
             result = prepare(
