@@ -1,0 +1,263 @@
+"""Running on a Ray cluster (issue 6): cluster.yaml, what a job uploads, and the jobs
+themselves on a real two-node Ray cluster on this machine with a real `mlflow server`.
+
+The two-node tests are marked `cluster` (`pytest -m cluster` runs them alone, `-m "not
+cluster"` skips them). They submit prep, train and predict exactly as a cluster user
+does, `ray job submit --working-dir <repo> -- python -m workflows.<stage> ...`, with
+token authentication on and MLFLOW_TRACKING_URI passed in the job's runtime env.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.cluster_helpers import REPO, LocalCluster, marked_pids
+from tests.images import make_image_folder
+
+CLASSES = ("horizontal", "vertical", "checker")
+MODEL_NAME = "cluster-shapes"
+TRAIN_ARGS = ("--model", "simple", "--width", "8", "--depth", "2", "--batch-size", "16", "--lr", "0.01")
+
+
+# --- cluster.yaml -----------------------------------------------------------------------
+
+
+def load_cluster_yaml() -> dict:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_validates_against_rays_schema() -> None:
+    import jsonschema
+    import ray
+    import ray.autoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = load_cluster_yaml()
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    # What `ray up` runs before it launches anything: merge with the AWS defaults, check.
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+    # The Ray image is pinned to the Ray we run (not `latest`, not the retired ray-ml).
+    images = [config["docker"]["image"], config["docker"]["head_image"]] + [
+        t["docker"]["worker_image"] for t in config["available_node_types"].values() if "docker" in t
+    ]
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    assert all(i.startswith(f"rayproject/ray:{ray.__version__}-{python}-") for i in images), images
+
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    gpu = next(t for t in types.values() if t.get("docker", {}).get("worker_image", "").endswith("-gpu"))
+    cpu = [t for name, t in types.items() if t is not head and t is not gpu]
+    assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 1
+    assert cpu and all(t["docker"]["worker_image"].endswith("-cpu") for t in cpu)
+
+    # Token authentication on every node, with the token synced from the launching machine.
+    assert "~/.ray/auth_token" in config["file_mounts"]
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    # The head runs the MLflow server; every node knows where it is.
+    assert any("mlflow server" in c for c in config["head_start_ray_commands"])
+    assert all("MLFLOW_TRACKING_URI=" in c for c in starts if "ray start" in c)
+    # cnnflow is installed on every node from the synced repository.
+    assert config["file_mounts"]["~/cnnflow"] == "."
+    assert any("pip install" in c and "~/cnnflow" in c for c in config["setup_commands"])
+
+
+# --- what `ray job submit --working-dir .` uploads ---------------------------------------
+
+
+def build_job_package(directory: Path, target: Path, *, ray_defaults: bool) -> list[str]:
+    """The zip Ray 2.60 builds for `--working-dir` (its own packaging code), as a name list."""
+    from ray._private.ray_constants import get_runtime_env_default_excludes
+    from ray._private.runtime_env.packaging import create_package
+
+    excludes = get_runtime_env_default_excludes() if ray_defaults else []
+    create_package(str(directory), target, include_gitignore=True, excludes=excludes)
+    with zipfile.ZipFile(target) as archive:
+        return archive.namelist()
+
+
+def test_job_upload_leaves_out_data_outputs_and_environments(tmp_path: Path) -> None:
+    # A copy of the repository (its files that git would see) with what users keep beside
+    # it: a virtual environment, git objects, images, shards, predictions, MLflow stores.
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    repo = tmp_path / "repo"
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    junk = [
+        ".venv/lib/python3.11/site-packages/torch/lib/libtorch.so",
+        ".git/objects/pack/pack-1.pack",
+        "data/pets/cat/1.jpg",
+        "images/dog/2.PNG",
+        "shards/pets/train/part-0.parquet",
+        "out/predictions/part-0.parquet",
+        "predictions/summary.json",
+        "checkpoints/checkpoint_000001/model.pt",
+        "mlflow.db",
+        "mlruns/0/meta.yaml",
+        "mlartifacts/1/model/model.pth",
+        "cnnflow-demo/digits/0/0.png",
+        "notes/cat.0.jpg",
+    ]
+    for name in junk:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(b"\0" * 1024)
+
+    # Even with Ray's default excludes switched off, .gitignore + .rayignore keep it out.
+    for ray_defaults in (True, False):
+        names = set(build_job_package(repo, tmp_path / f"pkg-{ray_defaults}.zip", ray_defaults=ray_defaults))
+        leaked = sorted(n for n in names if any(n.startswith(j) for j in junk))
+        assert not leaked, f"uploaded with the job (ray defaults {ray_defaults}): {leaked}"
+        for needed in ("pyproject.toml", "workflows/train.py", "cnn/models.py", "data_prep/schema.py"):
+            assert needed in names
+
+    # The real working tree, exactly as `ray job submit --working-dir .` would pack it.
+    package = tmp_path / "real.zip"
+    build_job_package(REPO, package, ray_defaults=True)
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+
+    size = package.stat().st_size
+    assert size < 5 * 1024**2, f"the job upload is {size / 1024**2:.1f} MiB"
+    assert size < GCS_STORAGE_MAX_SIZE / 100  # Ray's limit is 512 MiB
+
+
+# --- a real two-node cluster --------------------------------------------------------------
+#
+# The head has 1 CPU and the worker node 2. Ray Data's read tasks ask for a whole CPU, so a
+# node that hosts a training worker needs a CPU beside it for the data pipeline; and with 2
+# CPUs the worker node is where Ray Train's workers are placed, so losing it costs training
+# its workers, which is what the fault-tolerance test needs.
+
+
+@pytest.fixture(scope="module")
+def cluster() -> LocalCluster:
+    with LocalCluster(head_cpus=1, worker_cpus=2) as running:
+        yield running
+    assert not marked_pids(str(running.root)), "processes of the test cluster outlived it"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cluster-images")
+    make_image_folder(root, classes=CLASSES, per_class=16, size=40, seed=6)
+    return root
+
+
+def submit(cluster: LocalCluster, stage: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    # --debug: a failing stage prints its traceback into the job's logs.
+    result = cluster.submit("python", "-m", f"workflows.{stage}", "--debug", *args, **kwargs)
+    if "not built yet" in result.stdout + result.stderr:
+        pytest.skip(f"`cnnflow {stage}` has not landed yet")
+    assert result.returncode == 0, f"{stage} job failed\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def shards(cluster: LocalCluster, images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cluster-shards") / "shapes"
+    submit(cluster, "prep", str(images), str(out), "--image-size", "32", "--rows-per-shard", "16")
+    return out
+
+
+@pytest.mark.cluster
+def test_token_authentication_is_on(cluster: LocalCluster) -> None:
+    refused = cluster.ray("job", "list", token=False)
+    assert refused.returncode != 0
+    assert "authentication" in (refused.stdout + refused.stderr).lower()
+    assert cluster.ray("job", "list").returncode == 0
+    assert len(cluster.alive_nodes()) == 2
+
+
+@pytest.mark.cluster
+def test_prep_train_predict_as_jobs_on_two_nodes(
+    cluster: LocalCluster, images: Path, shards: Path, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["classes"] == sorted(CLASSES)
+    assert sum(pq.read_metadata(p).num_rows for p in shards.glob("*/*.parquet")) == 3 * 16
+
+    submit(
+        cluster, "train", str(shards), *TRAIN_ARGS, "--epochs", "2", "--workers", "2",
+        "--storage", str(tmp_path / "checkpoints"), "--experiment", "cluster",
+        "--run-name", "two-nodes", "--register-as", MODEL_NAME, "--promote",
+    )  # fmt: skip
+    assert len(cluster.actors("RayTrainWorker")) == 2
+
+    # The run and the model version, read back over HTTP from the server.
+    client = MlflowClient(tracking_uri=cluster.mlflow_uri, registry_uri=cluster.mlflow_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "two-nodes"
+    assert run.data.params["workers"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [0, 1]
+    assert "manifest.json" in {f.path for f in client.list_artifacts(run.info.run_id)}
+    version = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert version.run_id == run.info.run_id
+
+    out = tmp_path / "predictions"
+    submit(cluster, "predict", str(images), str(out), "--model", MODEL_NAME)
+    rows = pq.read_table(out, columns=["path", "label", "model_uri", "error"]).to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(
+        str(p.relative_to(images)) for p in images.rglob("*") if p.is_file()
+    )
+    assert {r["model_uri"] for r in rows} == {f"models:/{MODEL_NAME}/{version.version}"}
+    assert all(r["error"] is None and r["label"] in CLASSES for r in rows)
+
+
+@pytest.mark.cluster
+def test_training_survives_losing_the_worker_node(
+    cluster: LocalCluster, shards: Path, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    epochs = 10  # after the first checkpoint, the rest leave time to lose a node mid-run
+    storage = tmp_path / "checkpoints"  # one folder both nodes see, as s3:// would be
+    job = "train-node-lost"
+    [lost] = [n["node_id"] for n in cluster.alive_nodes() if not n["is_head_node"]]
+    submit(
+        cluster, "train", str(shards), *TRAIN_ARGS, "--epochs", str(epochs), "--workers", "2",
+        "--storage", str(storage), "--experiment", "cluster-ft", "--register-as", f"{MODEL_NAME}-ft",
+        "--max-failures", "2", wait=False, submission_id=job,
+    )  # fmt: skip
+
+    # As soon as the first epoch is checkpointed, the worker node dies (its raylet and every
+    # process on it), and a new node joins, as the autoscaler would replace it.
+    deadline = time.monotonic() + 300
+    while not list(storage.rglob("checkpoint_*")):
+        assert time.monotonic() < deadline, f"no checkpoint in {storage}\n{cluster.job_logs(job)[-3000:]}"
+        time.sleep(0.1)
+    cluster.kill_node(cluster.workers()[-1])
+    cluster.add_worker()
+    assert any(a["node_id"] == lost for a in cluster.actors("RayTrainWorker")), (
+        "no training worker ran on the node that was killed"
+    )
+
+    status = cluster.wait_job(job, timeout=300)
+    logs = cluster.job_logs(job)
+    assert status == "SUCCEEDED", logs[-4000:]
+
+    # Resumed from the checkpoint, in the same MLflow run, every epoch logged once.
+    client = MlflowClient(tracking_uri=cluster.mlflow_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("cluster-ft").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert "resumed_from_epoch" in run.data.tags, logs[-4000:]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert sorted(steps) == list(range(epochs)), steps
