@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from cnn.models import ModelSpec, build_model, model_state
 from data_prep.schema import read_manifest
-from tests.test_train import small, write_shards
+from tests.test_train import prepare, small
 from workflows import tracking
 from workflows.cli import cli
 from workflows.errors import CnnflowError
@@ -39,8 +39,8 @@ def register_untrained(data: Path, name: str, seed: int) -> int:
     return int(version.version)
 
 
-def test_champion_moves_only_to_a_model_at_least_as_good(ray_local, mlflow_uri, tmp_path):
-    data = write_shards(tmp_path / "stripes")
+def test_champion_moves_only_to_a_model_at_least_as_good(ray_local, mlflow_uri, image_folder, tmp_path):
+    data = prepare(image_folder, tmp_path / "stripes")
     cli_runner = CliRunner()
 
     # No champion yet: the first candidate takes the alias whatever its score.
@@ -75,10 +75,10 @@ def test_champion_moves_only_to_a_model_at_least_as_good(ray_local, mlflow_uri, 
     assert "stripes/2 @champion" in listing.output and "stripes/3" in listing.output
 
 
-def test_unknown_names_are_clear_errors(mlflow_uri, tmp_path):
+def test_unknown_names_are_clear_errors(ray_local, mlflow_uri, image_folder, tmp_path):
     with pytest.raises(CnnflowError, match="no registered models"):
         tracking.resolve_model_uri(None)
-    data = write_shards(tmp_path / "stripes")
+    data = prepare(image_folder, tmp_path / "stripes")
     register_untrained(data, "stripes", seed=1)
     with pytest.raises(CnnflowError, match="no registered model 'cats'; registered models: stripes"):
         tracking.resolve_model_uri("models:/cats@champion")

@@ -1,12 +1,12 @@
 """`cnnflow train` end to end: real local Ray Train, real MLflow (SQLite), real shards.
 
 The data are stripe patterns whose class can be read from the pixels (tests/images.py),
-small enough (16 px) that a few epochs on 2 CPUs learn them.
+written as image files in many formats and prepared by the real `cnnflow prep` at 16 px,
+small enough that a few epochs on 2 CPUs learn them.
 """
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import threading
@@ -16,15 +16,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_prep.schema import SHARD_SCHEMA
+from data_prep.schema import read_manifest
 from tests.images import label_from_pixels, pattern_pixels
-from workflows import tracking
-from workflows.config import ConfigError, TrainConfig
+from workflows import prep, tracking
+from workflows.config import ConfigError, PrepConfig, TrainConfig
 from workflows.errors import CnnflowError
 from workflows.train import run
 from workflows.train_loop import PID_FILE_ENV
@@ -33,52 +31,16 @@ CLASSES = ("horizontal", "vertical", "checker")
 SIZE = 16
 
 
-def write_shards(root: Path, *, train_per_class: int = 40, val_per_class: int = 12, size: int = SIZE, seed: int = 0) -> Path:
-    """A prep-shaped output (shards + manifest) of stripe patterns, rows in class order."""
-    rng = np.random.default_rng(seed)
-    train_pixels = []
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        images, labels = [], []
-        for label in range(len(CLASSES)):
-            for _ in range(per_class):
-                images.append(pattern_pixels(label, size, rng))
-                labels.append(label)
-        if split == "train":
-            train_pixels = np.stack(images)
-        (root / split).mkdir(parents=True)
-        n = len(labels)
-        table = pa.table(
-            {
-                "image": [img.tobytes() for img in images],
-                "label": np.array(labels, dtype=np.int32),
-                "path": [f"{CLASSES[y]}/{i}.png" for i, y in enumerate(labels)],
-                "sha256": [f"{i:064x}" for i in range(n)],
-                "orig_height": np.full(n, size, np.int32),
-                "orig_width": np.full(n, size, np.int32),
-            },
-            schema=SHARD_SCHEMA,
-        )
-        pq.write_table(table, root / split / "part-00000.parquet")
-    scaled = train_pixels / 255.0
-    manifest = {
-        "format_version": 1,
-        "classes": list(CLASSES),
-        "counts": {"train": {c: train_per_class for c in CLASSES}, "val": {c: val_per_class for c in CLASSES}},
-        "num_rows": {"train": train_per_class * len(CLASSES), "val": val_per_class * len(CLASSES)},
-        "image_size": size,
-        "resize": "squash",
-        "mean": scaled.mean(axis=(0, 1, 2)).tolist(),
-        "std": scaled.std(axis=(0, 1, 2)).tolist(),
-        "content_hash": f"stripes-{seed}",
-        "input": "generated",
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
+def prepare(image_folder, out: Path, *, per_class: int = 52) -> Path:
+    """Stripe-pattern images in every format prep reads, through the real `cnnflow prep`."""
+    images, _ = image_folder(classes=CLASSES, per_class=per_class, size=32)
+    assert prep.run(PrepConfig(input=str(images), output=str(out), image_size=SIZE)) == 0
+    return out
 
 
 @pytest.fixture
-def stripes(tmp_path: Path) -> Path:
-    return write_shards(tmp_path / "stripes")
+def stripes(ray_local, image_folder, tmp_path: Path) -> Path:
+    return prepare(image_folder, tmp_path / "stripes")
 
 
 def small(data: Path, tmp_path: Path, **overrides: object) -> TrainConfig:
@@ -128,7 +90,9 @@ def test_one_worker_learns_and_the_run_is_complete(ray_local, mlflow_uri, stripe
         assert r.data.params[key] == value
     assert set(TrainConfig.__dataclass_fields__) <= set(r.data.params)
     tags = r.data.tags
-    assert tags["content_hash"] == "stripes-0" and tags["classes"] == ",".join(CLASSES)
+    manifest = read_manifest(str(stripes))
+    content_hash = manifest["content_hash"]
+    assert tags["content_hash"] == content_hash and tags["classes"] == ",".join(manifest["classes"])
     assert tags["device"] == "cpu" and tags["workers"] == "1" and tags["ray_version"]
 
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
@@ -140,10 +104,10 @@ def test_one_worker_learns_and_the_run_is_complete(ray_local, mlflow_uri, stripe
 
     # Registered as the data folder's name, tagged; loadable as plain PyTorch and as pyfunc.
     version = client.get_model_version("stripes", "1")
-    assert version.tags["run_id"] == r.info.run_id and version.tags["content_hash"] == "stripes-0"
+    assert version.tags["run_id"] == r.info.run_id and version.tags["content_hash"] == content_hash
     assert float(version.tags["val_acc"]) > 0.8
     classifier = tracking.load_classifier("models:/stripes/1")
-    assert classifier.uri == "models:/stripes/1" and classifier.preprocessing["classes"] == list(CLASSES)
+    assert classifier.uri == "models:/stripes/1" and classifier.preprocessing["classes"] == manifest["classes"]
 
     rng = np.random.default_rng(7)
     images = [pattern_pixels(label, 40, rng) for label in (0, 1, 2, 0, 1, 2)]
@@ -163,8 +127,8 @@ def test_two_workers_learn(ray_local, mlflow_uri, stripes, tmp_path):
     assert [s for s, _ in tracking.metric_history(r.info.run_id, "val_acc")] == [1, 2, 3]
 
 
-def test_a_killed_worker_resumes_from_its_checkpoint(ray_local, mlflow_uri, tmp_path, monkeypatch):
-    data = write_shards(tmp_path / "bigger", train_per_class=150)
+def test_a_killed_worker_resumes_from_its_checkpoint(ray_local, mlflow_uri, image_folder, tmp_path, monkeypatch):
+    data = prepare(image_folder, tmp_path / "bigger", per_class=200)
     pid_file = tmp_path / "worker.pid"
     monkeypatch.setenv(PID_FILE_ENV, str(pid_file))
     killed: list[int] = []

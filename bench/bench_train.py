@@ -1,0 +1,193 @@
+"""Benchmark `cnnflow train` against a plain single-process PyTorch loop on the same data.
+
+    python bench/bench_train.py [--epochs 4] [--batch-size 64] [--image-size 32] [--workdir DIR]
+
+On scikit-learn's handwritten digits (1,797 real images, written once as PNGs and
+prepared with `cnnflow prep`, cached in WORKDIR), with the same model, batch size,
+optimizer, schedule, augmentation and epochs, it measures training images/s per epoch:
+
+  (a) plain PyTorch: the training shards loaded into memory, one process, a shuffled
+      index per epoch (the baseline: no Ray, no data pipeline, no tracking)
+  (b) cnnflow train --workers 1   (Ray Train + Ray Data + MLflow)
+  (c) cnnflow train --workers 2
+
+and, for the input pipeline alone, (d) iterating the training split through the same
+Ray Data iterator and collate function the workers use, without a model. It prints
+images/s per epoch, the steady state (mean of the epochs after the first), final
+validation accuracy, and the ratios b/a, c/a and d/a (ingest vs training step). Not run
+in CI; timings on a shared machine are noisy, so compare ratios from the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def write_digits(folder: Path) -> None:
+    """The digits as 64 px grayscale PNGs, one folder per class (dark ink on white)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    if folder.exists():
+        return
+    digits = load_digits()
+    staging = folder.with_suffix(".partial")
+    for i, (image, target) in enumerate(zip(digits.images, digits.target)):
+        out = staging / str(target) / f"digit_{i:04d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pixels = (255 - image * (255 / 16)).round().astype(np.uint8)
+        Image.fromarray(pixels, "L").resize((64, 64), Image.BICUBIC).save(out)
+    staging.rename(folder)
+
+
+def plain_pytorch(data: str, args: argparse.Namespace) -> tuple[list[float], float]:
+    """(a): the same training step over in-memory tensors; images/s per epoch, val accuracy."""
+    import pyarrow.parquet as pq
+    import torch
+    import torch.nn.functional as F
+
+    from cnn.models import ModelSpec, build_model
+    from cnn.transforms import BatchAugment, Normalize
+    from data_prep.schema import pixels, read_manifest
+    from workflows.train_loop import make_optimizer, one_cycle
+
+    manifest = read_manifest(data)
+    size = manifest["image_size"]
+
+    def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        table = pq.read_table(f"{data}/{split}", columns=["image", "label"])
+        return torch.from_numpy(pixels(table["image"], size).copy()), torch.tensor(table["label"].to_numpy(), dtype=torch.long)
+
+    x_train, y_train = load("train")
+    x_val, y_val = load("val")
+    torch.manual_seed(0)
+    spec = ModelSpec(args.model, len(manifest["classes"]), size, {"width": args.width, "depth": args.depth})
+    model = build_model(spec)
+    normalize = Normalize(mean=manifest["mean"], std=manifest["std"])
+    augment = BatchAugment(hflip=False, max_shift=0.125)
+    optimizer = make_optimizer("adamw", model.parameters(), lr=args.lr, weight_decay=5e-4)
+    steps = math.ceil(len(y_train) / args.batch_size)
+    scheduler = one_cycle(optimizer, steps_per_epoch=steps, epochs=args.epochs)
+    rates = []
+    for _ in range(args.epochs):
+        model.train()
+        started = time.perf_counter()
+        order = torch.randperm(len(y_train))
+        for i in range(0, len(order), args.batch_size):
+            idx = order[i : i + args.batch_size]
+            loss = F.cross_entropy(model(augment(normalize(x_train[idx]))), y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        rates.append(len(y_train) / (time.perf_counter() - started))
+    model.eval()
+    with torch.inference_mode():
+        accuracy = (model(normalize(x_val)).argmax(1) == y_val).float().mean().item()
+    return rates, accuracy
+
+
+def cnnflow_train(data: str, workers: int, args: argparse.Namespace, storage: str) -> tuple[list[float], float]:
+    """(b)/(c): the real command; images/s per epoch and val accuracy as logged in MLflow."""
+    import mlflow
+
+    from workflows import tracking, train
+    from workflows.config import TrainConfig
+
+    config = TrainConfig(
+        data=data, model=args.model, width=args.width, depth=args.depth, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, hflip=False, workers=workers, storage=storage,
+        experiment="bench", run_name=f"workers-{workers}", register_as="bench-digits",
+    )
+    train.run(config)
+    run = mlflow.search_runs(experiment_names=["bench"], filter_string=f"attributes.run_name = 'workers-{workers}'",
+                             order_by=["attributes.start_time DESC"], output_format="list")[0]
+    rates = [v for _, v in tracking.metric_history(run.info.run_id, "images_per_s")]
+    return rates, run.data.metrics["val_acc"]
+
+
+def ingest_only(data: str, args: argparse.Namespace) -> list[float]:
+    """(d): the workers' input pipeline alone (same dataset, iterator and collate), no model."""
+    import ray.data  # noqa: F401
+
+    from workflows.config import TrainConfig
+    from workflows.train import plan, read_split
+    from workflows.train_loop import SHUFFLE_BUFFER_ROWS, ShardBatch
+
+    p = plan(TrainConfig(data=data, model=args.model, width=args.width, depth=args.depth))
+    ds = read_split(p, "train")
+    rates = []
+    for _ in range(args.epochs):
+        started, rows = time.perf_counter(), 0
+        for images, _labels in ds.iterator().iter_torch_batches(
+            batch_size=args.batch_size, collate_fn=ShardBatch(p.spec.image_size), prefetch_batches=2,
+            local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, args.batch_size),
+        ):
+            rows += len(images)
+        rates.append(rows / (time.perf_counter() - started))
+    return rates
+
+
+def steady(rates: list[float]) -> float:
+    return statistics.mean(rates[1:]) if len(rates) > 1 else rates[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--model", default="simple")
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "cnnflow-bench-train"))
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    import ray
+
+    from workflows import prep
+    from workflows.config import PrepConfig
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    write_digits(work / "digits")
+    data = str(work / f"shards-{args.image_size}")
+    if not Path(data, "manifest.json").exists():
+        prep.run(PrepConfig(input=str(work / "digits"), output=data, image_size=args.image_size))
+
+    results = {
+        "(a) plain PyTorch, in memory": plain_pytorch(data, args),
+        "(b) cnnflow train --workers 1": cnnflow_train(data, 1, args, str(work / "checkpoints")),
+        "(c) cnnflow train --workers 2": cnnflow_train(data, 2, args, str(work / "checkpoints")),
+    }
+    ingest = ingest_only(data, args)
+    ray.shutdown()
+
+    print(f"\ndigits {args.image_size} px, {args.model} width {args.width} depth {args.depth}, "
+          f"batch {args.batch_size}, {args.epochs} epochs, torch threads {os.cpu_count()} CPUs")
+    print(f"{'':34} {'images/s per epoch':>36}  {'steady':>8}  {'val_acc':>7}")
+    for name, (rates, accuracy) in results.items():
+        print(f"{name:34} {' '.join(f'{r:8.0f}' for r in rates):>36}  {steady(rates):8.0f}  {accuracy:7.4f}")
+    print(f"{'(d) ingest alone (no model)':34} {' '.join(f'{r:8.0f}' for r in ingest):>36}  {steady(ingest):8.0f}")
+    base = steady(results["(a) plain PyTorch, in memory"][0])
+    print(f"\nb/a = {steady(results['(b) cnnflow train --workers 1'][0]) / base:.2f}x (target >= 0.9)   "
+          f"c/a = {steady(results['(c) cnnflow train --workers 2'][0]) / base:.2f}x   "
+          f"d/a (ingest vs training step) = {steady(ingest) / base:.1f}x (target >= 3)")
+
+
+if __name__ == "__main__":
+    main()
