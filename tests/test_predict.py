@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.images import PATTERNS, make_image_folder
+from tests.images import make_image_folder
 from workflows.config import PredictConfig, PrepConfig, TrainConfig
 from workflows.errors import CnnflowError
 
@@ -213,4 +213,8 @@ def test_pool_always_leaves_a_cpu_to_decoding():
             plan = plan_pool(workers, gpu=False, cluster_cpus=cpus, cluster_gpus=0)
             assert plan.replicas == workers
             assert plan.replicas * plan.actor_cpus + plan.decode_cpus <= cpus + 1e-9
-    assert len(PATTERNS) >= len(CLASSES)
+            assert plan.actor_cpus != plan.decode_cpus  # else Ray Data fuses decoding into the actors
+    on_gpus = plan_pool(4, gpu=True, cluster_cpus=8, cluster_gpus=2)
+    assert (on_gpus.replicas, on_gpus.actor_gpus) == (2, 1.0)
+    with pytest.raises(CnnflowError, match="no GPUs"):
+        plan_pool(1, gpu=True, cluster_cpus=8, cluster_gpus=0)

@@ -86,8 +86,10 @@ def run(config: PredictConfig) -> int:
     )
     schema.write_json(schema.join(config.output, SUMMARY), summary)
     _closing_screen(console, summary, config.output)
-    scored = summary["rows"] - summary["errors"]
-    return 0 if scored or not summary["rows"] else 1
+    if summary["rows"] and summary["rows"] == summary["errors"]:
+        console.print("[red]no file could be scored[/red]: every row is an error (see error_examples in summary.json)")
+        return 1
+    return 0
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -193,6 +195,14 @@ def build_dataset(config: PredictConfig, inputs: Inputs, todo: pa.Array, classif
             "torch_threads": plan.torch_threads,
             "gpu": config.gpu,
         },
+    )
+    # Decoding outruns a CNN on CPU several times over: uncapped, the decoded blocks would
+    # wait in the object store and memory would grow with the input. A few blocks per
+    # replica keep the model busy; the cap applies to this dataset only.
+    block_bytes = pipe.DECODE_BATCH * size * size * 3
+    options = ds.context.execution_options
+    options.resource_limits = options.resource_limits.copy(
+        object_store_memory=max(pipe.MIN_QUEUE_BYTES, 4 * plan.replicas * block_bytes)
     )
     return ds, plan
 
