@@ -160,11 +160,16 @@ class LocalCluster:
     def add_worker(self, wait: bool = True) -> Proc:
         """Join one more worker node (as the autoscaler would replace a lost one)."""
         self._workers += 1
-        alive = len(self.alive_nodes()) if wait else 0
-        args = [*self._ray_start(self.worker_cpus), "--address", self.gcs_address]
-        proc = self._spawn(f"worker{self._workers}", args)
-        if wait:
-            self.wait_for_nodes(alive + 1)
+        name = f"worker{self._workers}"
+        before = {n["node_id"] for n in self.alive_nodes()} if wait else set()
+        # A temp dir of its own, as on a machine of its own: nodes that share one also share
+        # runtime_resources/, and one node's runtime-env agent then replaces the unpacked
+        # working dir that a job driver on the other node is running in.
+        args = [*self._ray_start(self.worker_cpus), "--address", self.gcs_address, "--temp-dir", str(self.root / name)]
+        proc = self._spawn(name, args)
+        if wait:  # for a node id not seen before: a killed node still counts as alive for a while
+            new = lambda: {n["node_id"] for n in self.alive_nodes()} - before  # noqa: E731
+            self._wait(new, proc, f"{proc.name} to join")
         return proc
 
     def _spawn(self, name: str, args: list[str]) -> Proc:
@@ -178,7 +183,7 @@ class LocalCluster:
         self.procs.append(proc)
         return proc
 
-    def _wait(self, ready: Any, proc: Proc, what: str, timeout: float = 90) -> None:
+    def _wait(self, ready: Any, proc: Proc, what: str, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ready():
@@ -186,7 +191,7 @@ class LocalCluster:
             if proc.exited():
                 raise RuntimeError(f"{proc.name} exited while waiting for {what}\n{proc.tail()}")
             time.sleep(0.5)
-        raise TimeoutError(f"no {what} after {timeout:.0f} s\n{proc.tail()}")
+        raise TimeoutError(f"no {what} after {timeout:.0f} s\n{self.logs()}")
 
     # --- talking to it --------------------------------------------------------------
 
@@ -226,7 +231,7 @@ class LocalCluster:
         """The worker nodes started here that are still running, oldest first."""
         return [p for p in self.procs if p.name.startswith("worker") and not p.exited()]
 
-    def wait_for_nodes(self, count: int, timeout: float = 90) -> None:
+    def wait_for_nodes(self, count: int, timeout: float = 180) -> None:
         head = next(p for p in self.procs if p.name == "head")
         self._wait(lambda: len(self.alive_nodes()) >= count, head, f"{count} alive nodes", timeout)
 
