@@ -14,7 +14,9 @@ included):
   (d) only with --only: Ray Data with cnnflow's decode, tuned (the design not chosen)
 
 and prints wall time, images/s, peak memory (PSS summed over the job's process tree, so
-Ray's processes count and shared pages count once) and the ratios. `--memory A,B` runs
+Ray's processes count and shared pages count once), CPU time over the tree (what the
+job costs, less sensitive than wall time to other load on a shared machine) and the
+ratios. `--memory A,B` runs
 (c) again at N = A and N = B and prints the peak-memory ratio. The files are read once
 before timing so that every approach finds them in the page cache. Not run in CI;
 timings on a shared machine are noisy, so compare ratios measured in the same run.
@@ -30,6 +32,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -159,42 +162,54 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def tree_pss(pid: int) -> int:
-    """Bytes of PSS over `pid` and all its descendants (Ray's raylet, GCS, workers...)."""
+def sample_tree(pid: int, cpu_ticks: dict[int, int]) -> int:
+    """PSS bytes over `pid` and all its descendants (Ray's raylet, GCS, workers...).
+
+    Also records each process's CPU ticks so far (user + system) in `cpu_ticks`.
+    """
     tree, stack, total = _children(), [pid], 0
     while stack:
         p = stack.pop()
         stack += tree.get(p, [])
         try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu_ticks[p] = max(cpu_ticks.get(p, 0), int(fields[11]) + int(fields[12]))
             for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     total += int(line.split()[1]) * 1024
                     break
-        except OSError:
+        except (OSError, IndexError, ValueError):
             pass
     return total
 
 
-def measure(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak tree PSS of one command, sampled every 0.2 s."""
+@dataclass(frozen=True)
+class Measured:
+    seconds: float  # wall clock, process start to exit
+    peak_pss: int  # bytes, summed over the process tree
+    cpu_seconds: float  # user + system over the tree (sampled: a lower bound)
+
+
+def measure(cmd: list[str]) -> Measured:
+    """Wall time, peak tree PSS and tree CPU time of one command, sampled every 0.2 s."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
-    peak = 0
+    peak, ticks = 0, {}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stderr: list[bytes] = []
     reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
     reader.start()
     while proc.poll() is None:
-        peak = max(peak, tree_pss(proc.pid))
+        peak = max(peak, sample_tree(proc.pid, ticks))
         time.sleep(0.2)
     seconds = time.perf_counter() - started
     reader.join()
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{b''.join(stderr).decode()[-3000:]}")
-    return seconds, peak
+    return Measured(seconds, peak, sum(ticks.values()) / os.sysconf("SC_CLK_TCK"))
 
 
-def run_prep(folder: Path, out: Path, size: int) -> tuple[float, int]:
+def run_prep(folder: Path, out: Path, size: int) -> Measured:
     shutil.rmtree(out, ignore_errors=True)
     cnnflow = [sys.executable, "-m", "workflows.prep"]
     return measure([*cnnflow, str(folder), str(out), "--image-size", str(size)])
@@ -213,7 +228,7 @@ def main() -> None:
     warm_page_cache(folder)
     out = args.workdir / "out"
     print(f"N={args.n} photos (300-500 px JPEG), {args.size} px, {os.cpu_count()} CPUs", flush=True)
-    results: dict[str, tuple[float, int]] = {}
+    results: dict[str, Measured] = {}
     approaches = {
         "a": ("(a) plain Python loop", lambda: measure([sys.executable, "-c", PLAIN_LOOP, str(folder), str(out / "a.parquet"), str(args.size)])),
         "b": ("(b) Ray Data recipe", lambda: measure([sys.executable, "-c", RAY_DATA_RECIPE, str(folder), str(out / "b"), str(args.size)])),
@@ -224,12 +239,13 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         name, fn = approaches[key]
-        seconds, pss = results[key] = fn()
-        print(f"{name:24s} {seconds:7.1f} s  {args.n / seconds:7.0f} images/s  peak PSS {pss / 2**20:6.0f} MiB", flush=True)
+        m = results[key] = fn()
+        print(f"{name:24s} {m.seconds:6.1f} s  {args.n / m.seconds:5.0f} images/s  "
+              f"peak PSS {m.peak_pss / 2**20:5.0f} MiB  CPU {m.cpu_seconds:6.1f} s", flush=True)
     if "c" in results:
         for key, target in (("a", " (target >= 1.8x)"), ("b", " (target >= 3x)"), ("d", "")):
             if key in results:
-                print(f"speed-up of (c) over ({key}): {results[key][0] / results['c'][0]:.2f}x{target}")
+                print(f"speed-up of (c) over ({key}): {results[key].seconds / results['c'].seconds:.2f}x{target}")
 
     if args.memory:
         small, large = (int(v) for v in args.memory.split(","))
@@ -237,8 +253,10 @@ def main() -> None:
         for n in (small, large):
             folder_n = make_folder(args.workdir, n)
             warm_page_cache(folder_n)
-            seconds, peaks[n] = run_prep(folder_n, out / "mem", args.size)
-            print(f"(c) cnnflow prep N={n:<6d} {seconds:7.1f} s  {n / seconds:7.0f} images/s  peak PSS {peaks[n] / 2**20:6.0f} MiB", flush=True)
+            m = run_prep(folder_n, out / "mem", args.size)
+            peaks[n] = m.peak_pss
+            print(f"(c) cnnflow prep N={n:<6d} {m.seconds:6.1f} s  {n / m.seconds:5.0f} images/s  "
+                  f"peak PSS {m.peak_pss / 2**20:5.0f} MiB  CPU {m.cpu_seconds:6.1f} s", flush=True)
         print(f"peak memory of (c), N={large} vs N={small}: {peaks[large] / peaks[small]:.2f}x (target <= 1.3x)")
     shutil.rmtree(out, ignore_errors=True)
 

@@ -80,7 +80,7 @@ class _RateColumn(ProgressColumn):
 def print_summary(console: Console, manifest: dict[str, Any], report: dict[str, Any]) -> None:
     """Counts per class and split, what was left out and why, and where the output is."""
     counts, n = manifest["counts"], report["counts"]
-    table = Table(title=f"cnnflow prep: {report['output']}", title_justify="left")
+    table = Table(title="cnnflow prep", title_justify="left")
     if manifest["labeled"]:
         table.add_column("class")
         table.add_column("train", justify="right")
