@@ -58,24 +58,26 @@ pq.write_table(pa.table(rows), out)
 
 RAY_DOCS_RECIPE = r'''
 import sys
-import numpy as np, ray, torch
-from workflows.tracking import load_classifier
+import numpy as np, ray
 
 folder, out, uri = sys.argv[1:4]
-size = load_classifier(uri).preprocessing["image_size"]
 
-class Predictor:
-    def __init__(self):
-        self.clf = load_classifier(uri)
+class Predictor:  # as Ray's batch inference guide: the model is loaded once per actor
+    def __init__(self, uri):
+        import torch
+        from workflows.tracking import load_classifier
+
+        self.torch, self.clf = torch, load_classifier(uri)
 
     def __call__(self, batch):
-        probs = self.clf.probabilities(torch.from_numpy(batch["image"])).numpy()
+        probs = self.clf.probabilities(self.torch.from_numpy(batch["image"])).numpy()
         return {"path": batch["path"], "label": np.array(self.clf.classes)[probs.argmax(1)],
                 "score": probs.max(1)}
 
+size = int(sys.argv[4])
 ray.init(include_dashboard=False)
 ds = ray.data.read_images(folder, size=(size, size), mode="RGB", include_paths=True)
-ds = ds.map_batches(Predictor, compute=ray.data.ActorPoolStrategy(size=1), batch_size=256)
+ds = ds.map_batches(Predictor, fn_constructor_args=(uri,), compute=ray.data.ActorPoolStrategy(size=1), batch_size=256)
 ds.write_parquet(out)
 ray.shutdown()
 '''
@@ -195,7 +197,7 @@ def main() -> None:
         out = tempfile.mkdtemp(dir=work, prefix="out-")
         return {
             "a": [py, "-c", PLAIN_LOOP, folder, f"{out}/plain.parquet", uri],
-            "b": [py, "-c", RAY_DOCS_RECIPE, folder, f"{out}/recipe", uri],
+            "b": [py, "-c", RAY_DOCS_RECIPE, folder, f"{out}/recipe", uri, str(args.size)],
             "c": [py, "-m", "workflows.predict", folder, f"{out}/cnnflow", "--model", uri,
                   "--workers", str(args.workers)],
         }
