@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,6 +26,8 @@ def ray_session(options: RayOptions) -> Iterator[None]:
         yield
         return
     address = options.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        check_listening(address)
     try:
         ray.init(
             address=address,
@@ -43,6 +46,20 @@ def ray_session(options: RayOptions) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def check_listening(address: str, timeout_s: float = 5.0) -> None:
+    """A quick TCP probe of a host:port address: Ray itself retries a dead one for minutes."""
+    if "://" in address or ":" not in address:  # ray://, http://, "auto", "local": Ray's to resolve
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise CnnflowError(
+            f"cannot connect to Ray at {address} ({exc}); is the cluster up (`ray status`)? "
+            "Unset RAY_ADDRESS and leave out --address to use a new local Ray."
+        ) from None
 
 
 def configure_ray_data() -> None:

@@ -43,6 +43,7 @@ def table(rows: list[dict], experiment: str) -> Table:
 
 
 def run(config: RunsConfig) -> int:
+    tracking.use_tracking()  # fails fast, in one line, on an unreachable server
     rows = tracking.list_runs(config.experiment, config.max_runs)
     console = Console()
     if not console.is_terminal:  # a pipe or a file: no terminal width to fit, keep rows whole
