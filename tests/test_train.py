@@ -49,7 +49,7 @@ def small(data: Path, tmp_path: Path, **overrides: object) -> TrainConfig:
         model="simple",
         width=8,
         depth=2,
-        epochs=3,
+        epochs=4,
         batch_size=16,
         lr=0.01,
         storage=str(tmp_path / "checkpoints"),
@@ -83,10 +83,10 @@ def test_one_worker_learns_and_the_run_is_complete(ray_local, mlflow_uri, stripe
 
     # One value per epoch per metric, at steps 1..epochs.
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "epoch_time_s"):
-        assert [s for s, _ in tracking.metric_history(r.info.run_id, key)] == [1, 2, 3], key
+        assert [s for s, _ in tracking.metric_history(r.info.run_id, key)] == [1, 2, 3, 4], key
 
     assert r.info.status == "FINISHED" and r.info.run_name == "first"
-    for key, value in {"model": "simple", "epochs": "3", "batch_size": "16", "workers": "1", "register_as": "stripes"}.items():
+    for key, value in {"model": "simple", "epochs": "4", "batch_size": "16", "workers": "1", "register_as": "stripes"}.items():
         assert r.data.params[key] == value
     assert set(TrainConfig.__dataclass_fields__) <= set(r.data.params)
     tags = r.data.tags
@@ -110,24 +110,16 @@ def test_one_worker_learns_and_the_run_is_complete(ray_local, mlflow_uri, stripe
     assert classifier.uri == "models:/stripes/1" and classifier.preprocessing["classes"] == manifest["classes"]
 
     rng = np.random.default_rng(7)
-    images = [pattern_pixels(label, 40, rng) for label in (0, 1, 2, 0, 1, 2)]
+    images = [pattern_pixels(label, 40, rng) for label in (0, 1, 2) * 4]
     pyfunc = mlflow.pyfunc.load_model("models:/stripes/1")
     out = pyfunc.predict(pd.DataFrame({"image": [png(p) for p in images] + [b"not an image"]}))
     truth = [CLASSES[label_from_pixels(p)] for p in images]
-    assert (out["label"][:6] == truth).mean() >= 5 / 6
-    assert out["error"][6] and out["error"][:6].isna().all()
-    assert np.allclose([sum(p) for p in out["probabilities"][:6]], 1.0, atol=1e-4)
+    assert (out["label"][:12] == truth).mean() >= 0.75
+    assert out["error"][12] and out["error"][:12].isna().all()
+    assert np.allclose([sum(p) for p in out["probabilities"][:12]], 1.0, atol=1e-4)
 
 
-def test_two_workers_learn(ray_local, mlflow_uri, stripes, tmp_path):
-    assert run(small(stripes, tmp_path, workers=2, register_as="two")) == 0
-    r = only_run()
-    assert r.data.metrics["val_acc"] > 0.8
-    assert r.data.tags["workers"] == "2"
-    assert [s for s, _ in tracking.metric_history(r.info.run_id, "val_acc")] == [1, 2, 3]
-
-
-def test_a_killed_worker_resumes_from_its_checkpoint(ray_local, mlflow_uri, image_folder, tmp_path, monkeypatch):
+def test_two_workers_learn_and_a_killed_worker_resumes_from_its_checkpoint(ray_local, mlflow_uri, image_folder, tmp_path, monkeypatch):
     data = prepare(image_folder, tmp_path / "bigger", per_class=200)
     pid_file = tmp_path / "worker.pid"
     monkeypatch.setenv(PID_FILE_ENV, str(pid_file))
@@ -147,13 +139,14 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_local, mlflow_uri, imag
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
-    assert run(small(data, tmp_path, epochs=4, max_failures=2)) == 0
+    assert run(small(data, tmp_path, workers=2, epochs=4, max_failures=2)) == 0
     killer.join()
 
     assert killed, "the worker was never killed"
     assert int(Path(f"{pid_file}.0").read_text()) != killed[0]  # a new worker took over
     r = only_run()
     assert r.info.status == "FINISHED"
+    assert r.data.tags["workers"] == "2" and r.data.metrics["val_acc"] > 0.8
     resumed = int(r.data.tags["resumed_from_epoch"])
     assert 1 <= resumed < 4  # from a checkpoint, not from scratch
     for key in ("train_loss", "val_acc", "lr"):

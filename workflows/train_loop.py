@@ -167,6 +167,8 @@ def train_loop(config_dict: dict[str, Any]) -> None:
             pin_memory=on_gpu,
         ):
             x = augment(normalize(images))  # uint8 (N, S, S, 3) -> float (N, 3, S, S)
+            if cfg.channels_last:  # the augment's gather returns NCHW memory
+                x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
                 logits = model(x)
                 loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
