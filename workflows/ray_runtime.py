@@ -33,6 +33,9 @@ def ray_session(options: RayOptions) -> Iterator[None]:
             address=address,
             num_cpus=None if address else options.num_cpus,
             logging_level=logging.WARNING,
+            # Ray's libraries log every dataset execution and training report at INFO in
+            # every worker; the stages print their own progress, so only warnings pass.
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
             log_to_driver=True,
         )
     except ConnectionError as exc:
@@ -67,10 +70,11 @@ def configure_ray_data() -> None:
 
     The default resource reservation holds CPUs back per operator; on a small machine it
     left one of two cores idle while decode tasks queued, so it is off. Progress bars
-    are Ray Data's own; the stages print their own progress instead.
+    and the per-execution log lines are Ray Data's; the stages print their own progress.
     """
     from ray.data import DataContext
 
     context = DataContext.get_current()
     context.op_resource_reservation_enabled = False
     context.enable_progress_bars = False
+    context.print_on_execution_start = False
