@@ -205,7 +205,7 @@ def measure(cmd: list[str]) -> Measured:
     seconds = time.perf_counter() - started
     reader.join()
     if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{b''.join(stderr).decode()[-3000:]}")
+        raise RuntimeError(f"failed ({proc.returncode}): {b''.join(stderr).decode().strip().splitlines()[-1]}")
     return Measured(seconds, peak, sum(ticks.values()) / os.sysconf("SC_CLK_TCK"))
 
 
@@ -239,7 +239,11 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         name, fn = approaches[key]
-        m = results[key] = fn()
+        try:
+            m = results[key] = fn()
+        except RuntimeError as exc:  # e.g. Ray timing out at start on an overloaded machine
+            print(f"{name:24s} {exc}", flush=True)
+            continue
         print(f"{name:24s} {m.seconds:6.1f} s  {args.n / m.seconds:5.0f} images/s  "
               f"peak PSS {m.peak_pss / 2**20:5.0f} MiB  CPU {m.cpu_seconds:6.1f} s", flush=True)
     if "c" in results:

@@ -5,7 +5,6 @@ The job itself is `data_prep.pipeline.prepare`; this module joins Ray, shows pro
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from rich.console import Console
@@ -22,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from workflows.config import PrepConfig
+from workflows.config import PrepConfig, to_dict
 from workflows.errors import CnnflowError
 from workflows.ray_runtime import ray_session
 
@@ -49,7 +48,7 @@ def run(config: PrepConfig) -> int:
                 labels=config.labels,
                 unlabeled=config.unlabeled,
                 rows_per_shard=config.rows_per_shard,
-                options=dataclasses.asdict(config),
+                options=to_dict(config),
                 on_progress=on_progress,
             )
         except PrepError as exc:
