@@ -198,6 +198,8 @@ def test_csv_output(ray_local, registry, folder, tmp_path):
     assert len(rows) == len(truth) + 3
     good = rows[rows["error"].isna()]
     assert all(len(json.loads(p)) == len(CLASSES) for p in good["probabilities"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["rows"], summary["errors"], sum(summary["counts"].values())) == (len(truth) + 3, 3, len(truth))
 
 
 def test_unknown_model_lists_what_exists(registry, folder, tmp_path):

@@ -59,30 +59,34 @@ def run(config: PredictConfig) -> int:
     )
 
     started = time.perf_counter()
-    counts: Counter[str] = Counter()
-    with ray_session(config):
-        if len(todo):
+    counts: Counter[str | None] = Counter()  # rows per predicted label; errors under None
+    if len(todo):  # (nothing left to score: no need to start Ray)
+        with ray_session(config):
             dataset, plan = build_dataset(config, inputs, todo, classifier, scored=done.column("path"))
             console.print(
                 f"  {plan.replicas} model replica(s) x {plan.torch_threads} thread(s)"
                 f"{' on GPU' if config.gpu else ''}, {plan.actor_cpus:g} CPU each in Ray's accounting"
             )
-            with _Progress(console, len(todo)) as advance:
-                for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    output.add(batch)
-                    counts.update(_tally(batch))
-                    advance(batch.num_rows)
-    output.close()
+            try:
+                with _Progress(console, len(todo)) as advance:
+                    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                        output.add(batch)
+                        counts.update(_tally(batch))
+                        advance(batch.num_rows)
+            finally:  # rows scored before an interruption are kept: a rerun resumes after them
+                output.close()
     seconds = time.perf_counter() - started
 
+    rows = sum(counts.values())
+    this_run = {
+        "rows": rows,
+        "errors": counts[None],
+        "seconds": round(seconds, 3),
+        "images_per_s": round(rows / seconds, 1) if rows else None,
+        "already_scored": len(done),
+    }
     summary = output.summary(
-        classifier=classifier,
-        model_uri=model_uri,
-        input=config.input,
-        skipped=inputs.skipped,
-        this_run={"rows": sum(counts.values()), "errors": counts.get(None, 0), "seconds": round(seconds, 3),
-                  "images_per_s": round(sum(counts.values()) / seconds, 1) if seconds > 0 else None,
-                  "already_scored": len(done)},
+        classifier=classifier, model_uri=model_uri, input=config.input, skipped=inputs.skipped, this_run=this_run
     )
     schema.write_json(schema.join(config.output, SUMMARY), summary)
     _closing_screen(console, summary, config.output)
@@ -237,7 +241,9 @@ class Output:
         if path.endswith(".parquet"):
             return pq.read_table(path, columns=columns, filesystem=self.fs)
         with self.fs.open_input_stream(path) as src:
-            convert = pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns})
+            convert = pacsv.ConvertOptions(  # an empty field is a null (label and error)
+                include_columns=columns, column_types={c: pa.string() for c in columns}, strings_can_be_null=True
+            )
             return pacsv.read_csv(src, convert_options=convert)
 
     def previous(self, model_uri: str, *, overwrite: bool) -> pa.Table:
@@ -294,10 +300,10 @@ class Output:
         errors = pa.chunked_array([t.column("error") for t in tables], pa.string()) if tables else labels
         counts = {r["values"]: r["counts"] for r in pc.value_counts(pc.drop_null(labels)).to_pylist()}
         error_rows = len(errors) - errors.null_count
-        examples = []
+        examples: list[dict] = []  # the first few, so that summary.json shows what went wrong
         for t in tables:
-            failed = t.filter(pc.is_valid(t.column("error")))
-            examples += failed.slice(0, 10 - len(examples)).to_pylist() if len(examples) < 10 else []
+            if len(examples) < 10:
+                examples += t.filter(pc.is_valid(t.column("error"))).slice(0, 10 - len(examples)).to_pylist()
         return {
             "rows": len(labels),
             "errors": error_rows,

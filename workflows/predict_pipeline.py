@@ -205,32 +205,26 @@ class Scorer:
             return torch.softmax(logits, dim=1).cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
+        """Stage rows (path, image, error) -> output rows; error rows pass through unscored."""
+        n, width = batch.num_rows, len(self.classes)
         ok = pc.is_null(batch.column("error")).to_numpy(zero_copy_only=False)
-        probs = np.zeros((0, len(self.classes)), np.float32)
+        probs = np.zeros((0, width), np.float32)
         if ok.any():
-            good = pc.filter(batch.column("image"), pa.array(ok))
-            probs = self.probabilities(schema.pixels(good, self.size))
-        # Scatter the scored rows back among the error rows, in input order.
-        index = np.flatnonzero(ok)
-        best = probs.argmax(axis=1) if len(index) else np.zeros(0, np.int64)
-        label_idx = np.full(n, -1, np.int64)
-        label_idx[index] = best
+            probs = self.probabilities(schema.pixels(pc.filter(batch.column("image"), pa.array(ok)), self.size))
+        # Scatter the scored rows back among the error rows (null there), in input order.
+        best = np.zeros(n, np.int64)
+        best[ok] = probs.argmax(axis=1)
         score = np.zeros(n, np.float32)
-        score[index] = probs[np.arange(len(index)), best] if len(index) else 0
-        width = len(self.classes)
-        offsets = np.zeros(n + 1, np.int32)
-        offsets[1:] = np.cumsum(np.where(ok, width, 0))
-        valid = pa.array(ok)
+        score[ok] = probs.max(axis=1)
+        offsets = np.concatenate([[0], np.cumsum(np.where(ok, width, 0))]).astype(np.int32)
+        missing = pa.array(~ok)
         return pa.Table.from_arrays(
             [
                 batch.column("path").combine_chunks(),
-                self.classes.take(pa.array(label_idx, mask=~ok)),
+                self.classes.take(pa.array(best, mask=~ok)),
                 pa.array(score, pa.float32(), mask=~ok),
-                pa.ListArray.from_arrays(
-                    pa.array(offsets), pa.array(probs.reshape(-1), pa.float32()), mask=pc.invert(valid)
-                ),
-                pa.array([self.model_uri] * n, pa.string()),
+                pa.ListArray.from_arrays(pa.array(offsets), pa.array(probs.reshape(-1), pa.float32()), mask=missing),
+                pa.repeat(self.model_uri, n).cast(pa.string()),
                 batch.column("error").combine_chunks(),
             ],
             schema=OUTPUT_SCHEMA,
