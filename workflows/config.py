@@ -138,8 +138,12 @@ class PredictConfig(RayOptions):
         "registered NAME, meaning models:/NAME@champion (default: the only registered model).",
     )
     batch_size: int | None = option(None, "Images per model call (default: 64 on CPU, 256 on GPU).")
-    workers: int = option(1, "Model replicas (capped so that decoding keeps CPUs).")
-    gpu: bool = option(False, "Give each replica one GPU.")
+    workers: int = option(
+        1, "Model replicas; they share the CPUs decoding leaves them, so any number finishes."
+    )
+    gpu: bool = option(
+        False, "Give each replica one GPU (at most as many replicas as GPUs); bf16 where labels stay the same."
+    )
     format: OutputFormat = option("parquet", "Output file format.")
     overwrite: bool = option(False, "Replace predictions made by another model version.")
 
