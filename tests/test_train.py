@@ -7,6 +7,7 @@ small enough that a few epochs on 2 CPUs learn them.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import threading
@@ -163,3 +164,16 @@ def test_errors_come_before_any_worker_or_run(ray_local, mlflow_uri, stripes, tm
     with pytest.raises(CnnflowError, match="needs 3 CPUs"):
         run(small(stripes, tmp_path, workers=3))
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_a_failed_job_ends_its_run_failed_with_the_reason(ray_local, mlflow_uri, stripes, tmp_path):
+    # Shards whose rows do not match the manifest's image size fail inside the workers.
+    manifest_path = stripes / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["image_size"] = 8
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CnnflowError, match="training failed"):
+        run(small(stripes, tmp_path, depth=1, max_failures=0))
+    r = only_run()
+    assert r.info.status == "FAILED"
+    assert "expected 192 (8x8x3)" in r.data.tags["failure_reason"]

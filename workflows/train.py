@@ -116,17 +116,16 @@ def scaling_for(config: TrainConfig) -> Any:
     if cpus < config.workers:
         raise CnnflowError(f"--workers {config.workers} needs {config.workers} CPUs; this Ray has {cpus:g}")
     # Reserve one logical CPU for reading shards; workers share the rest (at most 1 each).
-    per_worker = min(1.0, (cpus - 1) / config.workers) if cpus > 1 else 0.5
+    per_worker = min(1.0, max(cpus - 1, 0) / config.workers)
     return ScalingConfig(num_workers=config.workers, use_gpu=False, resources_per_worker={"CPU": per_worker})
 
 
-def torch_threads(config: TrainConfig) -> int:
-    """Intra-op threads per worker: its share of the smallest node's cores."""
+def cpus_per_node() -> int:
+    """CPUs of the smallest node: each worker takes its share as torch threads."""
     import ray
 
     node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
-    per_node = int(min(node_cpus)) if node_cpus else 1
-    return max(1, per_node // min(config.workers, per_node or 1))
+    return int(min(node_cpus)) if node_cpus else 1
 
 
 def run_tags(p: Plan) -> dict[str, str]:
@@ -207,7 +206,7 @@ def fit(p: Plan, run_id: str, uri: str, scaling: Any) -> dict[str, Any]:
         max_shift=c.max_shift,
         seed=c.seed,
         channels_last=c.gpu or CPU_CHANNELS_LAST,
-        threads=torch_threads(c),
+        cpus_per_node=cpus_per_node(),
         tracking_uri=uri,
         run_id=run_id,
     )

@@ -58,7 +58,7 @@ class LoopConfig:
     max_shift: float
     seed: int
     channels_last: bool
-    threads: int  # torch intra-op threads per worker
+    cpus_per_node: int  # workers on a node share its cores as torch intra-op threads
     tracking_uri: str
     run_id: str
 
@@ -114,7 +114,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     if os.environ.get(PID_FILE_ENV):
         with open(f"{os.environ[PID_FILE_ENV]}.{rank}", "w") as f:
             f.write(str(os.getpid()))
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(max(1, cfg.cpus_per_node // ctx.get_local_world_size()))
     torch.manual_seed(cfg.seed)  # same initial weights everywhere; DDP broadcasts rank 0's anyway
 
     device = ray.train.torch.get_device()
