@@ -81,15 +81,12 @@ def run(config: TrainConfig) -> int:
     with ray_session(config):
         scaling = scaling_for(config)
         uri = tracking.use_tracking()
-        try:
-            with tracking.training_run(
-                experiment=config.experiment, run_name=config.run_name, params=resolved_options(p), tags=run_tags(p)
-            ) as run_id:
-                click.echo(f"MLflow run {tracking.run_url(run_id, uri)} in experiment {config.experiment!r}")
-                click.echo(f"  open it with: {tracking.ui_hint(uri)}")
-                outcome = train_and_register(p, run_id, uri, scaling)
-        except TrainingFailed as exc:
-            raise CnnflowError(str(exc)) from None
+        with tracking.training_run(
+            experiment=config.experiment, run_name=config.run_name, params=resolved_options(p), tags=run_tags(p)
+        ) as run_id:
+            click.echo(f"MLflow run {tracking.run_url(run_id, uri)} in experiment {config.experiment!r}")
+            click.echo(f"  open it with: {tracking.ui_hint(uri)}")
+            outcome = train_and_register(p, run_id, uri, scaling)
     click.echo(
         f"registered {p.register_as} v{outcome['version']}  val_acc {outcome['evaluation'].accuracy:.4f}  (run {run_id})"
     )
@@ -232,7 +229,9 @@ def fit(p: Plan, run_id: str, uri: str, scaling: Any) -> dict[str, Any]:
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:
-        raise TrainingFailed(f"training failed after {c.max_failures} retries: {_first_line(exc)}") from exc
+        raise TrainingFailed(
+            f"training failed after {c.max_failures} retries (MLflow run {run_id} is FAILED): {_first_line(exc)}"
+        ) from exc
     if result.checkpoint is None:
         raise TrainingFailed("training ended without a checkpoint")
     with result.checkpoint.as_directory() as folder:
