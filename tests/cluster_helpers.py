@@ -237,7 +237,7 @@ class LocalCluster:
 
     def submit(
         self, *entrypoint: str, env_vars: dict[str, str] | None = None, wait: bool = True,
-        submission_id: str | None = None, timeout: float = 300, working_dir: Path = REPO,
+        submission_id: str | None = None, timeout: float = 120, working_dir: Path = REPO,
     ) -> subprocess.CompletedProcess:  # fmt: skip
         """`ray job submit --working-dir <repo> -- ENTRYPOINT`, as cluster users run it."""
         runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": self.mlflow_uri, **(env_vars or {})}}
