@@ -282,6 +282,6 @@ def test_training_survives_losing_the_worker_node(
         # DESIGN.md: no duplicate epochs in the run's history. Seen here: rank 0 logs epoch
         # N right after its checkpoint is written, but when the node dies before Ray Train's
         # controller has registered that checkpoint, the retry resumes from epoch N-1's and
-        # logs epoch N again. Belongs to workflows/train_loop.py (reported); the test
-        # fails again (XPASS is fine) once the retry skips epochs already logged.
+        # logs epoch N again. Belongs to workflows/train_loop.py (reported); once a retry
+        # skips epochs already logged, this branch is never taken and the test passes.
         pytest.xfail(f"train logged an epoch twice after the node loss: steps {steps}")
