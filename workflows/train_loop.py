@@ -212,7 +212,10 @@ def train_loop(config_dict: dict[str, Any]) -> None:
                 )
                 saved = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "epoch": epoch}, checkpoint=saved)
-        if rank == 0:  # after the checkpoint is stored: a restart resumes at epoch + 1
+        if rank == 0:
+            # Log only once the controller has committed this checkpoint (report returns
+            # before that): from then on a restart resumes at epoch + 1, never repeats it.
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
             tracking.log_epoch(cfg.tracking_uri, cfg.run_id, epoch, metrics)
             # sys.stdout, not print: Ray Train reroutes print to its logger, which doubles lines.
             sys.stdout.write(
