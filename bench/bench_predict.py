@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
+
+from proctree import measure  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -126,52 +125,6 @@ def register_model(workdir: Path, size: int) -> str:
 # --- measuring -------------------------------------------------------------------------------
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
-
-
-def tree_pss(pid: int) -> int:
-    """Bytes of PSS over `pid` and all its descendants (Ray's raylet, GCS, workers...)."""
-    tree, stack, total = _children(), [pid], 0
-    while stack:
-        p = stack.pop()
-        stack += tree.get(p, [])
-        try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except OSError:
-            pass
-    return total
-
-
-def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and peak tree PSS of one command, sampled every 0.2 s."""
-    peak = 0
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr: list[bytes] = []
-    reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
-    reader.start()
-    while proc.poll() is None:
-        peak = max(peak, tree_pss(proc.pid))
-        time.sleep(0.2)
-    seconds = time.perf_counter() - started
-    reader.join()
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{b''.join(stderr).decode()[-3000:]}")
-    return seconds, peak
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("n", nargs="?", type=int, default=8000, help="JPEGs in the folder")
@@ -209,7 +162,8 @@ def main() -> None:
     # interleaving exposes all three to the same drift.
     for round in range(args.repeat):
         for key in args.only:
-            s, mem = measure(variants(args.n)[key], env)
+            m = measure(variants(args.n)[key], env)
+            s, mem = m.seconds, m.peak_pss
             print(f"  round {round + 1} ({key}) {names[key]:16s} {s:7.1f} s  {args.n / s:7.1f} img/s  "
                   f"peak PSS {mem / 2**20:7.0f} MiB", flush=True)
             best = results.get(key, (float("inf"), 0))
@@ -225,7 +179,8 @@ def main() -> None:
         small, large = (int(v) for v in args.memory.split(","))
         peaks = {}
         for n in (small, large):
-            s, peaks[n] = measure(variants(n)["c"], env)
+            m = measure(variants(n)["c"], env)
+            s, peaks[n] = m.seconds, m.peak_pss
             print(f"  (c) N = {n:6d}: {s:7.1f} s  {n / s:7.1f} img/s  peak PSS {peaks[n] / 2**20:7.0f} MiB", flush=True)
         print(f"  (c) peak memory N={large} / N={small}: {peaks[large] / peaks[small]:.2f}x")
 

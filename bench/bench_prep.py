@@ -26,16 +26,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from proctree import Measured, measure  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog")
@@ -148,65 +146,6 @@ def warm_page_cache(folder: Path) -> None:
 
 
 # --- measuring -------------------------------------------------------------------------------
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
-
-
-def sample_tree(pid: int, cpu_ticks: dict[int, int]) -> int:
-    """PSS bytes over `pid` and all its descendants (Ray's raylet, GCS, workers...).
-
-    Also records each process's CPU ticks so far (user + system) in `cpu_ticks`.
-    """
-    tree, stack, total = _children(), [pid], 0
-    while stack:
-        p = stack.pop()
-        stack += tree.get(p, [])
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            cpu_ticks[p] = max(cpu_ticks.get(p, 0), int(fields[11]) + int(fields[12]))
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
-
-@dataclass(frozen=True)
-class Measured:
-    seconds: float  # wall clock, process start to exit
-    peak_pss: int  # bytes, summed over the process tree
-    cpu_seconds: float  # user + system over the tree (sampled: a lower bound)
-
-
-def measure(cmd: list[str]) -> Measured:
-    """Wall time, peak tree PSS and tree CPU time of one command, sampled every 0.2 s."""
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
-    peak, ticks = 0, {}
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr: list[bytes] = []
-    reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
-    reader.start()
-    while proc.poll() is None:
-        peak = max(peak, sample_tree(proc.pid, ticks))
-        time.sleep(0.2)
-    seconds = time.perf_counter() - started
-    reader.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"failed ({proc.returncode}): {b''.join(stderr).decode().strip().splitlines()[-1]}")
-    return Measured(seconds, peak, sum(ticks.values()) / os.sysconf("SC_CLK_TCK"))
 
 
 def run_prep(folder: Path, out: Path, size: int) -> Measured:
