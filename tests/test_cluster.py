@@ -141,10 +141,10 @@ def test_job_upload_leaves_out_data_outputs_and_environments(tmp_path: Path) -> 
 
 # --- a real two-node cluster --------------------------------------------------------------
 #
-# The head has 1 CPU and the worker node 2. Ray Data's read tasks ask for a whole CPU, so a
-# node that hosts a training worker needs a CPU beside it for the data pipeline; and with 2
-# CPUs the worker node is where Ray Train's workers are placed, so losing it costs training
-# its workers, which is what the fault-tolerance test needs.
+# The head has 1 CPU and the worker node 2. Training spreads one worker per node; the
+# worker node keeps a CPU beside its training worker for Ray Data's read tasks (they ask
+# for a whole CPU), and losing that node costs training a worker, which is what the
+# fault-tolerance test needs.
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,9 @@ def test_prep_train_predict_as_jobs_on_two_nodes(
         "--storage", str(tmp_path / "checkpoints"), "--experiment", "cluster",
         "--run-name", "two-nodes", "--register-as", MODEL_NAME, "--promote",
     )  # fmt: skip
-    assert len(cluster.actors("RayTrainWorker")) == 2
+    workers = cluster.actors("RayTrainWorker")
+    assert len(workers) == 2
+    assert len({w["node_id"] for w in workers}) == 2, "one training worker per node"
 
     # The run and the model version, read back over HTTP from the server.
     client = MlflowClient(tracking_uri=cluster.mlflow_uri, registry_uri=cluster.mlflow_uri)

@@ -109,12 +109,24 @@ def scaling_for(config: TrainConfig) -> Any:
     if config.gpu:
         if gpus < config.workers:
             raise CnnflowError(f"--gpu --workers {config.workers} needs {config.workers} GPUs; this Ray has {gpus:g}")
-        return ScalingConfig(num_workers=config.workers, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1})
+        return ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=True,
+            resources_per_worker={"CPU": 1, "GPU": 1},
+            placement_strategy="SPREAD",
+        )
     if cpus < config.workers:
         raise CnnflowError(f"--workers {config.workers} needs {config.workers} CPUs; this Ray has {cpus:g}")
     # Reserve one logical CPU for reading shards; workers share the rest (at most 1 each).
     per_worker = min(1.0, max(cpus - 1, 0) / config.workers)
-    return ScalingConfig(num_workers=config.workers, use_gpu=False, resources_per_worker={"CPU": per_worker})
+    return ScalingConfig(
+        num_workers=config.workers,
+        use_gpu=False,
+        resources_per_worker={"CPU": per_worker},
+        # One worker per node where there are enough nodes: each then takes its node's
+        # cores as torch threads (cpus_per_node); on one machine SPREAD still packs.
+        placement_strategy="SPREAD",
+    )
 
 
 def cpus_per_node() -> int:
