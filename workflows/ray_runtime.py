@@ -32,9 +32,6 @@ def ray_session(options: RayOptions) -> Iterator[None]:
         ray.init(
             address=address,
             num_cpus=None if address else options.num_cpus,
-            # A local Ray lives for one job: its dashboard costs ~2 CPU-s and ~200 MiB of
-            # start-up (bench/bench_prep.py). For one, `ray start --head` and jobs join it.
-            include_dashboard=False if not address else None,
             logging_level=logging.WARNING,
             # Ray's libraries log every dataset execution and training report at INFO in
             # every worker; the stages print their own progress, so only warnings pass.
