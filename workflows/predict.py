@@ -61,7 +61,7 @@ def run(config: PredictConfig) -> int:
     started = time.perf_counter()
     counts: Counter[str | None] = Counter()  # rows per predicted label; errors under None
     if len(todo):  # (nothing left to score: no need to start Ray)
-        with ray_session(config):
+        with ray_session(config, dashboard=False):
             dataset, plan = build_dataset(config, inputs, todo, classifier, scored=done.column("path"))
             console.print(
                 f"  {plan.replicas} model replica(s) x {plan.torch_threads} thread(s)"

@@ -18,7 +18,10 @@ from workflows.errors import CnnflowError
 
 
 @contextmanager
-def ray_session(options: RayOptions) -> Iterator[None]:
+def ray_session(options: RayOptions, *, dashboard: bool = True) -> Iterator[None]:
+    """`dashboard=False` for jobs that need no Ray state API (prep, predict): a local Ray
+    then starts ~2 s sooner. Ray Train needs it (its placement-group cleaner asks the
+    state API, and warns every second without it)."""
     import ray
 
     if ray.is_initialized():
@@ -32,6 +35,7 @@ def ray_session(options: RayOptions) -> Iterator[None]:
         ray.init(
             address=address,
             num_cpus=None if address else options.num_cpus,
+            include_dashboard=None if address or dashboard else False,
             logging_level=logging.WARNING,
             # Ray's libraries log every dataset execution and training report at INFO in
             # every worker; the stages print their own progress, so only warnings pass.
