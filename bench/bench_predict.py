@@ -19,7 +19,6 @@ a shared machine are noisy, so compare ratios measured in the same run.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tempfile

@@ -195,7 +195,6 @@ def example_image(p: Plan) -> bytes:
 
 def fit(p: Plan, run_id: str, uri: str, scaling: Any) -> dict[str, Any]:
     """Run the TorchTrainer; return the last checkpoint's contents."""
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -329,8 +328,8 @@ def misclassified_figure(evaluation: Evaluation, classes: list[str]) -> Figure:
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax in axes:
         ax.axis("off")
-    for ax, (pixels, true, predicted) in zip(axes, shown):
-        ax.imshow(pixels)
+    for ax, (image, true, predicted) in zip(axes, shown):
+        ax.imshow(image)
         ax.set_title(f"true {classes[true]}\npred {classes[predicted]}", fontsize=8)
     fig.tight_layout()
     return fig
