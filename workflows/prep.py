@@ -31,7 +31,7 @@ def run(config: PrepConfig) -> int:
     from data_prep.scan import PrepError
 
     console = Console(stderr=True)
-    with ray_session(config, dashboard=False), _progress(console) as progress:
+    with ray_session(config, dashboard=False, ray_data=False), _progress(console) as progress:
         task = progress.add_task("scanning", total=None)
 
         def on_progress(done: int, total: int) -> None:
