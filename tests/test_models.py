@@ -6,6 +6,7 @@ import io
 import pytest
 import torch
 
+from cnn.inference import class_probabilities, for_inference, mixed_probabilities
 from cnn.models import MODELS, ModelSpec, build_model, model_from_state, model_state
 from cnn.summary import expected_shape, summarize
 from cnn.transforms import BatchAugment, Normalize
@@ -127,3 +128,52 @@ def test_augment_flips_and_shifts_only_in_training() -> None:
 def test_augment_without_flip_or_shift_is_identity() -> None:
     x = torch.randn(4, 3, 8, 8)
     assert torch.equal(BatchAugment(hflip=False, max_shift=0.0).train()(x), x)
+
+
+def _with_batchnorm_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """A few training-mode passes, so BatchNorm's running statistics are not the identity."""
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 64, 64) * 2 + 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["simple", "resnet18"])
+def test_inference_model_folds_batchnorm_and_computes_the_same(name: str) -> None:
+    model = _with_batchnorm_statistics(build_model(ModelSpec(name, 3, 64)))
+    fused = for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_precision_keeps_the_float32_labels() -> None:
+    # Logits 10 and 10 + 0.01 * mean(x): a difference bf16 cannot see at 10 (its step
+    # there is 1/16), so without the float32 recheck every label would be class 0.
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].weight[1].fill_(0.01 / (3 * 8 * 8))
+        model[1].bias.fill_(10.0)
+    normalize = Normalize(mean=[0.5] * 3, std=[0.25] * 3)
+    pixels = torch.randint(0, 256, (64, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    reference = class_probabilities(model, normalize, pixels)
+    assert 0 < int(reference.argmax(1).sum()) < 64  # both labels occur
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert int(model(normalize(pixels)).float().argmax(1).sum()) == 0  # bf16 alone loses them
+    mixed = mixed_probabilities(model, normalize, pixels)
+    assert torch.equal(mixed.argmax(1), reference.argmax(1))
+
+
+def test_mixed_precision_rounds_but_agrees_on_a_convnet() -> None:
+    model = for_inference(_with_batchnorm_statistics(build_model(ModelSpec("simple", 3, 64))))
+    normalize = Normalize(mean=[0.5] * 3, std=[0.25] * 3)
+    pixels = torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    reference = class_probabilities(model, normalize, pixels)
+    mixed = mixed_probabilities(model, normalize, pixels)
+    assert torch.equal(mixed.argmax(1), reference.argmax(1))
+    torch.testing.assert_close(mixed, reference, rtol=0, atol=0.01)  # bf16 rounding, not another answer

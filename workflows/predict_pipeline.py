@@ -49,9 +49,6 @@ ACTOR_CPUS = 0.25  # Ray's logical CPUs per model replica, at most (see plan_poo
 # Images per model call when --batch-size is not given: on CPU the time per image is flat
 # from 32 to 256 (measured) while activation memory grows with the batch; GPUs want more.
 CPU_BATCH, GPU_BATCH = 64, 256
-# bf16 on GPU keeps a row's label only when its top two logits are far enough apart;
-# rows closer than this (in logits) are recomputed in float32.
-BF16_MARGIN = 0.25
 
 
 @dataclass(frozen=True)
@@ -164,9 +161,9 @@ class Scorer:
     ) -> None:
         import torch
 
+        from cnn.inference import class_probabilities, for_inference, mixed_probabilities
         from cnn.models import model_from_state
         from cnn.transforms import Normalize
-        from workflows.pyfunc_model import class_probabilities
 
         torch.set_num_threads(torch_threads_here(torch_threads))
         self.torch = torch
@@ -176,34 +173,23 @@ class Scorer:
         model, _ = model_from_state(state)
         # channels_last: what GPU tensor cores want, and on CPU it measured faster for
         # these convnets too (as in training, workflows/train.py).
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.model = for_inference(model).to(self.device, memory_format=torch.channels_last)
         self.normalize = Normalize(
             mean=preprocessing["mean"], std=preprocessing["std"], channels_last=True
         ).to(self.device)
         self.classes = pa.array(preprocessing["classes"], pa.string())
         self.size = int(preprocessing["image_size"])
         self.model_uri = model_uri
-        self.bf16 = gpu and torch.cuda.is_bf16_supported()
-        self.float32_probabilities = class_probabilities  # the pyfunc model's own code
+        # bf16 where the device computes it natively; otherwise the pyfunc model's float32.
+        bf16 = gpu and torch.cuda.is_bf16_supported()
+        self.forward = mixed_probabilities if bf16 else class_probabilities
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, classes)."""
         torch = self.torch
         # uint8 goes to the device (4x less to copy than float); normalise there.
         x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-        if not self.bf16:
-            return self.float32_probabilities(self.model, self.normalize, x).cpu().numpy()
-        with torch.inference_mode():
-            x = self.normalize(x)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                logits = self.model(x).float()
-            # Keep bf16 only where it cannot change the label: near-ties go again in float32.
-            if logits.shape[1] > 1:
-                top2 = logits.topk(2, dim=1).values
-                close = (top2[:, 0] - top2[:, 1]) < BF16_MARGIN
-                if close.any():
-                    logits[close] = self.model(x[close]).float()
-            return torch.softmax(logits, dim=1).cpu().numpy()
+        return self.forward(self.model, self.normalize, x).cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Stage rows (path, image, error) -> output rows; error rows pass through unscored."""

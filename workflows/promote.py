@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnn.inference import class_probabilities
 from data_prep.schema import VAL, join, pixels, read_manifest, resolve
 from workflows import tracking
 from workflows.config import CHAMPION_ALIAS, PromoteConfig
 from workflows.errors import CnnflowError
-from workflows.pyfunc_model import class_probabilities, normalizer
+from workflows.pyfunc_model import normalizer
 
 EVAL_BATCH = 256
 MAX_MISCLASSIFIED = 25  # images kept for the run's misclassified.png grid

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from cnn.inference import class_probabilities
 from cnn.models import ModelSpec, model_from_state
 from cnn.transforms import Normalize
 from data_prep.decode import UndecodableImage, decode_image
@@ -51,12 +52,6 @@ def read_model_files(weights: str | Path, preprocessing: str | Path) -> tuple[nn
 
 def normalizer(preprocessing: dict[str, Any]) -> Normalize:
     return Normalize(mean=preprocessing["mean"], std=preprocessing["std"])
-
-
-@torch.inference_mode()
-def class_probabilities(model: nn.Module, normalize: Normalize, pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) pixels -> float (N, classes) softmax probabilities."""
-    return torch.softmax(model(normalize(pixels)).float(), dim=1)
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):

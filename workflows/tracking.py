@@ -30,16 +30,11 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
 from torch import nn
 
+from cnn.inference import class_probabilities
 from cnn.models import ModelSpec
 from workflows.config import CHAMPION_ALIAS, tracking_uri
 from workflows.errors import CnnflowError
-from workflows.pyfunc_model import (
-    PREPROCESSING,
-    WEIGHTS,
-    class_probabilities,
-    normalizer,
-    read_model_files,
-)
+from workflows.pyfunc_model import PREPROCESSING, WEIGHTS, normalizer, read_model_files
 
 MODEL_NAME = "model"  # the logged model's name inside its run
 FAILURE_TAG = "failure_reason"
