@@ -95,11 +95,18 @@ def configure_ray_data() -> None:
 
     The default resource reservation holds CPUs back per operator; on a small machine it
     left one of two cores idle while decode tasks queued, so it is off. Progress bars
-    and the per-execution log lines are Ray Data's; the stages print their own progress.
+    and the per-execution log lines are Ray Data's; the stages print their own progress,
+    so Ray Data's terminal output is cut to warnings (its log file, ray-data.log in the
+    session's logs, still has everything).
     """
     from ray.data import DataContext
+    from ray.util.debug import log_once
 
     context = DataContext.get_current()
     context.op_resource_reservation_enabled = False
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    log_once("ray_data_progress_manager_disabled")  # its notice that we turned the bars off
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":
+            handler.setLevel(logging.WARNING)
