@@ -232,8 +232,12 @@ def build_dataset(config: PredictConfig, inputs: Inputs, todo: pa.Array, classif
     )
     # Decoding outruns a CNN on CPU several times over: uncapped, the decoded blocks would
     # wait in the object store and memory would grow with the input. A few blocks per
-    # replica keep the model busy; the cap applies to this dataset only.
+    # replica keep the model busy; the cap applies to this dataset only. Ray Data enforces
+    # it through its per-operator reservation, which configure_ray_data turns off for the
+    # other stages: without it the cap was ignored (decoding ran 306 MiB ahead of the model
+    # at N=8000, and peak memory grew 1.33x from 2000 to 16000 images; with it, 42 MiB).
     block_bytes = pipe.DECODE_BATCH * size * size * 3
+    ds.context.op_resource_reservation_enabled = True
     options = ds.context.execution_options
     options.resource_limits = options.resource_limits.copy(
         object_store_memory=max(pipe.MIN_QUEUE_BYTES, 4 * plan.replicas * block_bytes)

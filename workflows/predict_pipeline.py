@@ -44,7 +44,7 @@ OUTPUT_SCHEMA = pa.schema(
 # Files per decode task: enough to amortise a task's ~ms overhead, small enough that the
 # blocks (256 x 48 KiB at 128 px = 12 MiB) stream through the object store.
 DECODE_BATCH = 256
-MIN_QUEUE_BYTES = 256 * 2**20  # object store for blocks between stages, at least
+MIN_QUEUE_BYTES = 64 * 2**20  # object store for blocks between stages, at least
 ACTOR_CPUS = 0.25  # Ray's logical CPUs per model replica, at most (see plan_pool)
 # Images per model call when --batch-size is not given: on CPU the time per image is flat
 # from 32 to 256 (measured) while activation memory grows with the batch; GPUs want more.

@@ -94,7 +94,9 @@ def configure_ray_data() -> None:
     """Ray Data settings that measured better for cnnflow's pipelines.
 
     The default resource reservation holds CPUs back per operator; on a small machine it
-    left one of two cores idle while decode tasks queued, so it is off. Progress bars
+    left one of two cores idle while decode tasks queued, so it is off by default. (It is
+    also what enforces a dataset's object-store cap: predict turns it on for its own
+    dataset, see workflows/predict.py.) Progress bars
     and the per-execution log lines are Ray Data's; the stages print their own progress,
     so Ray Data's terminal output is cut to warnings (its log file, ray-data.log in the
     session's logs, still has everything).
