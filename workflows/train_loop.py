@@ -10,6 +10,7 @@ no epoch is logged twice.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -109,6 +110,11 @@ def all_reduce_sums(*values: float, device: torch.device) -> list[float]:
 
 def train_loop(config_dict: dict[str, Any]) -> None:
     cfg = LoopConfig(**config_dict)
+    # Ray Train gives this worker's root logger level INFO and a console handler, and its
+    # per-report "Reporting training result" line comes from a logger named after a file
+    # path, which the RunConfig's LoggingConfig (ray.train.* only) does not reach. The
+    # epoch lines below are ours; Train's own stay in its log files.
+    logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if os.environ.get(PID_FILE_ENV):
