@@ -180,7 +180,7 @@ class Scorer:
         self.classes = pa.array(preprocessing["classes"], pa.string())
         self.size = int(preprocessing["image_size"])
         self.model_uri = model_uri
-        # bf16 where the device computes it natively; otherwise the pyfunc model's float32.
+        # bf16 on a GPU that has it; on CPU the pyfunc model's float32, so scores match it.
         bf16 = gpu and torch.cuda.is_bf16_supported()
         self.forward = mixed_probabilities if bf16 else class_probabilities
 

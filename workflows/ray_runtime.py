@@ -69,9 +69,10 @@ def _stop_autoscaler_monitor() -> None:
     """
     import ray
 
-    node = getattr(ray._private.worker, "_global_node", None)
     try:
-        node._kill_process_type(ray._private.ray_constants.PROCESS_TYPE_MONITOR, allow_graceful=False, check_alive=False)
+        node = ray._private.worker._global_node
+        monitor = ray._private.ray_constants.PROCESS_TYPE_MONITOR
+        node._kill_process_type(monitor, allow_graceful=False, check_alive=False)
     except Exception:  # noqa: BLE001 - only an optimisation; ray.shutdown() stops it anyway
         pass
 
@@ -94,12 +95,13 @@ def configure_ray_data() -> None:
     """Ray Data settings that measured better for cnnflow's pipelines.
 
     The default resource reservation holds CPUs back per operator; on a small machine it
-    left one of two cores idle while decode tasks queued, so it is off by default. (It is
-    also what enforces a dataset's object-store cap: predict turns it on for its own
-    dataset, see workflows/predict.py.) Progress bars
-    and the per-execution log lines are Ray Data's; the stages print their own progress,
-    so Ray Data's terminal output is cut to warnings (its log file, ray-data.log in the
-    session's logs, still has everything).
+    left one of two cores idle while decode tasks queued, so it is off by default. It is
+    also what enforces a dataset's object-store cap, so predict turns it back on for its
+    own dataset (workflows/predict.py).
+
+    Progress bars and per-execution log lines are Ray Data's; the stages print their own
+    progress, so Ray Data's terminal output is cut to warnings (its log file,
+    ray-data.log in the session's logs, still has everything).
     """
     from ray.data import DataContext
     from ray.util.debug import log_once
