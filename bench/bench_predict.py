@@ -114,10 +114,8 @@ def register_model(workdir: Path, size: int) -> str:
     preprocessing = {"classes": ["a", "b"], "image_size": size, "resize": "squash",
                      "mean": [0.5] * 3, "std": [0.25] * 3}
     with tracking.training_run(experiment="bench", run_name="bench-model", params={}, tags={}) as run_id:
-        version = tracking.log_and_register_model(
-            run_id, state=model_state(build_model(spec).eval(), spec), preprocessing=preprocessing,
-            register_as="bench", version_tags={},
-        )
+        model_uri = tracking.log_model(run_id, state=model_state(build_model(spec).eval(), spec), preprocessing=preprocessing)
+        version = tracking.register_model(run_id, model_uri, register_as="bench", version_tags={})
     return f"models:/bench/{version.version}"
 
 

@@ -1,9 +1,10 @@
 """Inference, shared by the batch job, the pyfunc model and promotion: pixels in, probabilities out.
 
-`class_probabilities` is the reference: float32, the model as trained. `for_inference`
-gives the same function faster (BatchNorm folded into convolutions), and
-`mixed_probabilities` runs it in bf16, recomputing in float32 the rows where bf16 could
-have changed the label.
+`class_probabilities` is the reference: float32, the model as trained, with the model's
+test-time augmentation (`tta`, from its preprocessing contract) applied exactly as
+validation applied it. `for_inference` gives the same function faster (BatchNorm folded
+into convolutions), and `mixed_probabilities` runs it in bf16, recomputing in float32 the
+rows where bf16 could have changed the label.
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from cnn.transforms import Normalize
 # bf16 keeps a row's label only when its top two logits are this far apart; rows closer
 # than this are recomputed in float32 (bf16 keeps ~3 significant digits per value).
 BF16_MARGIN = 0.25
+# Test-time augmentations: "flip" averages the probabilities of each image and its mirror
+# (only meaningful for a model trained with flips).
+TTA_MODES = ("none", "flip")
 
 
 def for_inference(model: nn.Module) -> nn.Module:
@@ -32,25 +36,36 @@ def for_inference(model: nn.Module) -> nn.Module:
         return model
 
 
+def views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The normalised batch as the model sees it under `tta`: itself, and its mirror for "flip"."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown tta {tta!r}; known: {', '.join(TTA_MODES)}")
+    return [x, x.flip(3)] if tta == "flip" else [x]
+
+
 @torch.inference_mode()
-def class_probabilities(model: nn.Module, normalize: Normalize, pixels: torch.Tensor) -> torch.Tensor:
+def class_probabilities(model: nn.Module, normalize: Normalize, pixels: torch.Tensor, *, tta: str = "none") -> torch.Tensor:
     """uint8 (N, H, W, 3) pixels -> float (N, classes) softmax probabilities, in float32."""
-    return torch.softmax(model(normalize(pixels)).float(), dim=1)
+    probs = [torch.softmax(model(v).float(), dim=1) for v in views(normalize(pixels), tta)]
+    return probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
 
 
 @torch.inference_mode()
-def mixed_probabilities(model: nn.Module, normalize: Normalize, pixels: torch.Tensor) -> torch.Tensor:
+def mixed_probabilities(model: nn.Module, normalize: Normalize, pixels: torch.Tensor, *, tta: str = "none") -> torch.Tensor:
     """As `class_probabilities`, with the model under bf16 autocast on the pixels' device.
 
-    Near ties (top two logits within BF16_MARGIN) go again in float32, so the labels are
-    float32's; the probabilities of the other rows carry bf16's rounding (~1e-3).
+    Near ties (top two logits of any view within BF16_MARGIN) go again in float32, so the
+    labels are float32's; the probabilities of the other rows carry bf16's rounding (~1e-3).
     """
     x = normalize(pixels)
     with torch.autocast(x.device.type, dtype=torch.bfloat16):
-        logits = model(x).float()
-    if logits.shape[1] > 1:
-        top2 = logits.topk(2, dim=1).values
-        close = (top2[:, 0] - top2[:, 1]) < BF16_MARGIN
+        logits = [model(v).float() for v in views(x, tta)]
+    probs = torch.stack([torch.softmax(z, dim=1) for z in logits]).mean(0)
+    if probs.shape[1] > 1:
+        close = torch.zeros(len(probs), dtype=torch.bool, device=probs.device)
+        for z in logits:
+            top2 = z.topk(2, dim=1).values
+            close |= (top2[:, 0] - top2[:, 1]) < BF16_MARGIN
         if close.any():
-            logits[close] = model(x[close]).float()
-    return torch.softmax(logits, dim=1)
+            probs[close] = class_probabilities(model, normalize, pixels[close], tta=tta)
+    return probs

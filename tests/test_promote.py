@@ -29,13 +29,10 @@ def register_untrained(data: Path, name: str, seed: int) -> int:
     torch.manual_seed(seed)
     model = build_model(spec)
     with tracking.training_run(experiment="tests", run_name=f"untrained-{seed}", params={}, tags={}) as run_id:
-        version = tracking.log_and_register_model(
-            run_id,
-            state=model_state(model, spec),
-            preprocessing=preprocessing_from_manifest(manifest),
-            register_as=name,
-            version_tags={"data": str(data)},
+        model_uri = tracking.log_model(
+            run_id, state=model_state(model, spec), preprocessing=preprocessing_from_manifest(manifest)
         )
+        version = tracking.register_model(run_id, model_uri, register_as=name, version_tags={"data": str(data)})
     return int(version.version)
 
 

@@ -22,6 +22,7 @@ CHAMPION_ALIAS = "champion"
 
 ResizeMode = Literal["squash", "crop", "pad"]
 OptimizerName = Literal["adamw", "sgd"]
+TestTimeAugmentation = Literal["none", "flip"]  # cnn.inference.TTA_MODES
 OutputFormat = Literal["parquet", "csv"]
 
 
@@ -94,14 +95,25 @@ class TrainConfig(RayOptions):
     width: int = option(32, "simple: channels of the first stage (doubling per stage).")
     depth: int = option(4, "simple: number of conv-pool stages.")
     weights: str | None = option(None, "resnet18: a local torchvision state_dict to start from.")
-    epochs: int = option(10, "Passes over the training data.")
+    epochs: int | None = option(
+        None, "Passes over the training data (default: from the data's size, see workflows/train.py)."
+    )
     batch_size: int = option(64, "Images per step on each worker.")
-    lr: float = option(2e-3, "Peak learning rate (one-cycle schedule), for the global batch.")
+    lr: float = option(4e-3, "Peak learning rate of torch's OneCycleLR, for the global batch.")
+    warmup: float = option(0.3, "Share of the steps spent warming up to the peak learning rate.")
     optimizer: OptimizerName = option("adamw", "adamw or sgd (Nesterov momentum 0.9).")
     weight_decay: float = option(5e-4, "Decoupled weight decay.")
-    label_smoothing: float = option(0.0, "Cross-entropy label smoothing.")
+    label_smoothing: float = option(0.1, "Cross-entropy label smoothing.")
     hflip: bool = option(True, "Random horizontal flips (turn off for digits or text).")
     max_shift: float = option(0.125, "Random shifts, as a fraction of the image side.")
+    ema: float = option(
+        0.0, "Decay per step of a moving average of the weights that validation scores and "
+        "registration keeps (0: off)."
+    )
+    tta: TestTimeAugmentation = option(
+        "flip", "Test-time augmentation: flip averages each image with its mirror in validation "
+        "and prediction (only with --hflip; recorded with the model)."
+    )
     workers: int = option(1, "Data-parallel training workers.")
     gpu: bool = option(False, "Give each worker one GPU (bf16 autocast, channels_last).")
     experiment: str = option(DEFAULT_EXPERIMENT, "MLflow experiment.")
@@ -120,9 +132,15 @@ class TrainConfig(RayOptions):
 
     def __post_init__(self) -> None:
         _check_model(self.model)
-        for name in ("epochs", "batch_size", "workers", "width", "depth"):
+        for name in ("batch_size", "workers", "width", "depth"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(0 < self.lr < 10, f"lr must be in (0, 10), got {self.lr}")
+        _check(0 < self.warmup < 1, f"warmup must be in (0, 1), got {self.warmup}")
+        _check(0 <= self.weight_decay < 1, f"weight_decay must be in [0, 1), got {self.weight_decay}")
+        _check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(0 <= self.max_shift < 0.5, f"max_shift must be in [0, 0.5), got {self.max_shift}")
+        _check(0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}")
         _check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
 
 

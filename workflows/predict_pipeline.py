@@ -180,6 +180,7 @@ class Scorer:
         self.classes = pa.array(preprocessing["classes"], pa.string())
         self.size = int(preprocessing["image_size"])
         self.model_uri = model_uri
+        self.tta = preprocessing.get("tta", "none")  # as validation scored it (pyfunc_model.py)
         # bf16 on a GPU that has it; on CPU the pyfunc model's float32, so scores match it.
         bf16 = gpu and torch.cuda.is_bf16_supported()
         self.forward = mixed_probabilities if bf16 else class_probabilities
@@ -189,7 +190,7 @@ class Scorer:
         torch = self.torch
         # uint8 goes to the device (4x less to copy than float); normalise there.
         x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-        return self.forward(self.model, self.normalize, x).cpu().numpy()
+        return self.forward(self.model, self.normalize, x, tta=self.tta).cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Stage rows (path, image, error) -> output rows; error rows pass through unscored."""

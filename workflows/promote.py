@@ -23,7 +23,7 @@ from data_prep.schema import VAL, join, pixels, read_manifest, resolve
 from workflows import tracking
 from workflows.config import CHAMPION_ALIAS, PromoteConfig
 from workflows.errors import CnnflowError
-from workflows.pyfunc_model import normalizer
+from workflows.pyfunc_model import normalizer, test_time_augmentation
 
 EVAL_BATCH = 256
 MAX_MISCLASSIFIED = 25  # images kept for the run's misclassified.png grid
@@ -70,7 +70,7 @@ def evaluate(
     for batch in dataset.to_batches(columns=["image", "label"], batch_size=EVAL_BATCH):
         images = torch.from_numpy(pixels(batch["image"], manifest["image_size"]).copy()).to(device)
         target = torch.tensor(batch["label"].to_numpy(), dtype=torch.long, device=device)
-        probs = class_probabilities(model, normalize, images)
+        probs = class_probabilities(model, normalize, images, tta=test_time_augmentation(preprocessing))
         loss_sum += F.nll_loss(probs.clamp_min(1e-12).log(), target, reduction="sum").item()
         predicted = probs.argmax(1)
         for i in torch.nonzero(predicted != target).flatten().tolist():

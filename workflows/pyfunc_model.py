@@ -4,7 +4,9 @@ A logged model holds two plain files and no pickled weights:
 
     weights.pt          cnn.models.model_state(model, spec): tensors + constructor arguments,
                         loadable with torch.load(weights_only=True)
-    preprocessing.json  {"classes", "image_size", "resize", "mean", "std"} from the manifest
+    preprocessing.json  {"classes", "image_size", "resize", "mean", "std"} from the manifest,
+                        and "tta", the test-time augmentation validation used ("none" when
+                        absent: models logged before it existed)
 
 `ImageClassifier.predict` takes a DataFrame with an `image` column of encoded bytes (any
 format Pillow reads) and returns `label`, `score`, `probabilities` and `error` (null, or
@@ -38,9 +40,13 @@ PREPROCESSING = "preprocessing.json"
 PREPROCESSING_KEYS = ("classes", "image_size", "resize", "mean", "std")
 
 
-def preprocessing_from_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What prediction must repeat exactly: classes, size, resize mode, mean and std."""
-    return {key: manifest[key] for key in PREPROCESSING_KEYS}
+def preprocessing_from_manifest(manifest: dict[str, Any], *, tta: str = "none") -> dict[str, Any]:
+    """What prediction must repeat exactly: classes, size, resize mode, mean, std and tta."""
+    return {**{key: manifest[key] for key in PREPROCESSING_KEYS}, "tta": tta}
+
+
+def test_time_augmentation(preprocessing: dict[str, Any]) -> str:
+    return preprocessing.get("tta", "none")
 
 
 def read_model_files(weights: str | Path, preprocessing: str | Path) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
@@ -80,7 +86,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         probabilities: list[list[float] | None] = [None] * len(images)
         if good:
             pixels = torch.from_numpy(np.stack([images[i] for i in good]))
-            probs = class_probabilities(self.model, self.normalize, pixels)
+            probs = class_probabilities(self.model, self.normalize, pixels, tta=test_time_augmentation(self.preprocessing))
             best_score, best = probs.max(dim=1)
             for row, k, s, p in zip(good, best.tolist(), best_score.tolist(), probs.tolist()):
                 labels[row], scores[row], probabilities[row] = classes[k], s, p

@@ -34,11 +34,12 @@ from cnn.inference import class_probabilities
 from cnn.models import ModelSpec
 from workflows.config import CHAMPION_ALIAS, tracking_uri
 from workflows.errors import CnnflowError
-from workflows.pyfunc_model import PREPROCESSING, WEIGHTS, normalizer, read_model_files
+from workflows.pyfunc_model import PREPROCESSING, WEIGHTS, normalizer, read_model_files, test_time_augmentation
 
 MODEL_NAME = "model"  # the logged model's name inside its run
 FAILURE_TAG = "failure_reason"
 REGISTERED_TAG = "registered_version"  # on the run: "NAME/VERSION"
+LOGGED_MODEL_TAG = "logged_model_uri"  # on the run: the model it logged (models:/m-...)
 # MLflow's "models from code": the logged model stores this file, not a pickle, and
 # loading it imports the installed cnnflow (see workflows/pyfunc_model.py for why).
 MODEL_CODE = """\
@@ -207,19 +208,17 @@ def set_tags(run_id: str, tags: Mapping[str, Any], *, uri: str | None = None) ->
 # --- models and the registry -----------------------------------------------------------
 
 
-def log_and_register_model(
+def log_model(
     run_id: str,
     *,
     state: dict[str, Any],
     preprocessing: dict[str, Any],
-    register_as: str,
-    version_tags: Mapping[str, Any],
     example_image: bytes | None = None,
-) -> ModelVersion:
-    """Log the pyfunc model into the (active) run and register a new version of it."""
+) -> str:
+    """Log the pyfunc model into the (active) run; return its model URI for `register_model`."""
     active = mlflow.active_run()
     if active is None or active.info.run_id != run_id:
-        raise RuntimeError("log_and_register_model must run inside training_run()")
+        raise RuntimeError("log_model must run inside the run it logs to (training_run())")
     with tempfile.TemporaryDirectory() as tmp:
         weights, prep = Path(tmp, WEIGHTS), Path(tmp, PREPROCESSING)
         torch.save(state, weights)
@@ -236,9 +235,13 @@ def log_and_register_model(
             pip_requirements=_requirements(),
             metadata={"cnnflow_spec": state["spec"]},
         )
-    version = mlflow.register_model(
-        info.model_uri, register_as, tags={k: str(v) for k, v in version_tags.items()}
-    )
+    set_tags(run_id, {LOGGED_MODEL_TAG: info.model_uri})
+    return info.model_uri
+
+
+def register_model(run_id: str, model_uri: str, *, register_as: str, version_tags: Mapping[str, Any]) -> ModelVersion:
+    """A new version of `register_as` from a logged model; the run names the version."""
+    version = mlflow.register_model(model_uri, register_as, tags={k: str(v) for k, v in version_tags.items()})
     set_tags(run_id, {REGISTERED_TAG: f"{register_as}/{version.version}"})
     return version
 
@@ -376,7 +379,9 @@ class Classifier:
 
     def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) on the model's device -> (N, classes) probabilities."""
-        return class_probabilities(self.model, normalizer(self.preprocessing).to(pixels.device), pixels)
+        return class_probabilities(
+            self.model, normalizer(self.preprocessing).to(pixels.device), pixels, tta=test_time_augmentation(self.preprocessing)
+        )
 
 
 def load_classifier(model_uri: str) -> Classifier:

@@ -4,15 +4,19 @@ The driver checks everything it can before any worker starts (DATA is a prep out
 with train and val rows, the model builds at the data's image size, the cluster has the
 CPUs/GPUs asked for), creates the MLflow run, then runs a `TorchTrainer` over Ray
 Datasets read from the shards (`workflows/train_loop.py` is the per-worker side). After
-the fit it evaluates the final model on the whole validation split, logs the artifacts
-and the model, registers a new version and, with --promote, moves `champion` if earned.
+the fit it takes the best validation epoch's weights (Ray Train keeps that checkpoint
+and the latest), evaluates them on the whole validation split, logs the artifacts and
+the model, registers a new version and, with --promote, moves `champion` if earned.
+`cnnflow tune` runs the same `train_and_log` once per trial and registers only the best.
 """
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -27,7 +31,7 @@ from data_prep.schema import TRAIN, VAL, join, pixels, read_manifest, resolve
 from workflows import __version__, tracking
 from workflows.config import TrainConfig, model_options, to_dict
 from workflows.errors import CnnflowError
-from workflows.promote import Evaluation, evaluate, promote
+from workflows.promote import Decision, Evaluation, evaluate, promote
 from workflows.pyfunc_model import preprocessing_from_manifest
 from workflows.ray_runtime import ray_session
 from workflows.train_loop import CHECKPOINT_FILE, PID_FILE_ENV, LoopConfig, train_loop
@@ -37,6 +41,17 @@ from workflows.train_loop import CHECKPOINT_FILE, PID_FILE_ENV, LoopConfig, trai
 # what the tensor cores want.
 CPU_CHANNELS_LAST = True
 MATERIALIZE_FRACTION = 0.25  # of the object store: splits smaller than this are read once
+# The training budget when --epochs is not given: enough optimizer steps for a small set
+# to converge, no more passes than a large one needs (settled on bench/bench_quality.py).
+TARGET_STEPS = 750
+MIN_EPOCHS, MAX_EPOCHS = 10, 30
+BEST_METRIC = "val_acc"  # the epoch whose weights get registered
+
+
+def budget_epochs(train_rows: int, global_batch: int) -> int:
+    """Epochs for about TARGET_STEPS optimizer steps, within [MIN_EPOCHS, MAX_EPOCHS]."""
+    steps_per_epoch = max(1, math.ceil(train_rows / global_batch))
+    return max(MIN_EPOCHS, min(MAX_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch)))
 
 
 @dataclass
@@ -48,6 +63,8 @@ class Plan:
     manifest: dict[str, Any]
     spec: ModelSpec
     register_as: str
+    epochs: int  # --epochs, or the budget chosen from the data
+    tta: str  # the test-time augmentation validation and prediction apply
 
 
 def plan(config: TrainConfig) -> Plan:
@@ -69,11 +86,13 @@ def plan(config: TrainConfig) -> Plan:
     except ValueError as exc:
         raise CnnflowError(f"model {config.model!r} on {spec.image_size} px images: {exc}") from None
     register_as = config.register_as or PurePosixPath(data.rstrip("/")).name
-    return Plan(config, data, manifest, spec, register_as)
+    epochs = config.epochs or budget_epochs(int(rows[TRAIN]), config.batch_size * config.workers)
+    tta = config.tta if config.hflip else "none"  # a mirror is only the same image to a model trained on mirrors
+    return Plan(config, data, manifest, spec, register_as, epochs, tta)
 
 
 def resolved_options(p: Plan) -> dict[str, Any]:
-    return {**to_dict(p.config), "data": p.data, "register_as": p.register_as}
+    return {**to_dict(p.config), "data": p.data, "register_as": p.register_as, "epochs": p.epochs, "tta": p.tta}
 
 
 def run(config: TrainConfig) -> int:
@@ -86,12 +105,15 @@ def run(config: TrainConfig) -> int:
         ) as run_id:
             click.echo(f"MLflow run {tracking.run_url(run_id, uri)} in experiment {config.experiment!r}")
             click.echo(f"  open it with: {tracking.ui_hint(uri)}")
-            outcome = train_and_register(p, run_id, uri, scaling)
+            click.echo(f"  {p.epochs} epochs{'' if config.epochs else ' (chosen from the data: --epochs to set)'}")
+            trained = train_and_log(p, run_id, uri, scaling)
+            version, decision = register(p, trained)
     click.echo(
-        f"registered {p.register_as} v{outcome['version']}  val_acc {outcome['evaluation'].accuracy:.4f}  (run {run_id})"
+        f"registered {p.register_as} v{version}  val_acc {trained.evaluation.accuracy:.4f}  "
+        f"(best epoch {trained.best_epoch} of {p.epochs}; run {run_id})"
     )
-    if outcome["decision"] is not None:
-        click.echo(outcome["decision"].describe())
+    if decision is not None:
+        click.echo(decision.describe())
     return 0
 
 
@@ -155,30 +177,49 @@ def run_tags(p: Plan) -> dict[str, str]:
     }
 
 
-def train_and_register(p: Plan, run_id: str, uri: str, scaling: Any) -> dict[str, Any]:
-    state = fit(p, run_id, uri, scaling)
+@dataclass
+class Trained:
+    """A finished training run: its best epoch's model, evaluated and logged, not registered."""
+
+    run_id: str
+    model_uri: str  # the logged model, for tracking.register_model
+    evaluation: Evaluation
+    best_epoch: int
+
+
+def train_and_log(p: Plan, run_id: str, uri: str, scaling: Any, *, callbacks: Sequence[Any] = ()) -> Trained:
+    """Fit, then evaluate, describe and log the best epoch's model into the run."""
+    state = fit(p, run_id, uri, scaling, callbacks=callbacks)
     model, spec = model_from_state(state["model"])
-    preprocessing = preprocessing_from_manifest(p.manifest)
+    preprocessing = preprocessing_from_manifest(p.manifest, tta=p.tta)
     device = "cuda" if p.config.gpu and torch.cuda.is_available() else "cpu"
     evaluation = evaluate(model.eval(), preprocessing, p.data, device=device)
+    tracking.set_tags(run_id, {"best_epoch": state["epoch"]})
     log_artifacts(p, run_id, model, evaluation)
-    version = tracking.log_and_register_model(
-        run_id,
-        state=state["model"],
-        preprocessing=preprocessing,
+    model_uri = tracking.log_model(
+        run_id, state=state["model"], preprocessing=preprocessing, example_image=example_image(p)
+    )
+    return Trained(run_id, model_uri, evaluation, int(state["epoch"]))
+
+
+def register(p: Plan, trained: Trained) -> tuple[int, Decision | None]:
+    """A new version of `register_as` from the trained model; with --promote, the gate."""
+    version = tracking.register_model(
+        trained.run_id,
+        trained.model_uri,
         register_as=p.register_as,
         version_tags={
-            "run_id": run_id,
+            "run_id": trained.run_id,
             "content_hash": p.manifest.get("content_hash", ""),
-            "val_acc": f"{evaluation.accuracy:.6f}",
+            "val_acc": f"{trained.evaluation.accuracy:.6f}",
+            "best_epoch": trained.best_epoch,
             "data": p.data,
         },
-        example_image=example_image(p),
     )
     decision = None
     if p.config.promote:
-        decision = promote(p.register_as, int(version.version), p.data, candidate=evaluation)
-    return {"version": int(version.version), "evaluation": evaluation, "decision": decision}
+        decision = promote(p.register_as, int(version.version), p.data, candidate=trained.evaluation)
+    return int(version.version), decision
 
 
 def example_image(p: Plan) -> bytes:
@@ -193,8 +234,11 @@ def example_image(p: Plan) -> bytes:
     return buf.getvalue()
 
 
-def fit(p: Plan, run_id: str, uri: str, scaling: Any) -> dict[str, Any]:
-    """Run the TorchTrainer; return the last checkpoint's contents."""
+def fit(p: Plan, run_id: str, uri: str, scaling: Any, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run the TorchTrainer; return the best epoch's checkpoint contents.
+
+    `callbacks` are Ray Train callbacks (a Tune trial passes Tune's report callback).
+    """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -204,14 +248,17 @@ def fit(p: Plan, run_id: str, uri: str, scaling: Any) -> dict[str, Any]:
         mean=list(p.manifest["mean"]),
         std=list(p.manifest["std"]),
         train_rows=int(p.manifest["num_rows"][TRAIN]),
-        epochs=c.epochs,
+        epochs=p.epochs,
         batch_size=c.batch_size,
         lr=c.lr,
+        warmup=c.warmup,
         optimizer=c.optimizer,
         weight_decay=c.weight_decay,
         label_smoothing=c.label_smoothing,
         hflip=c.hflip,
         max_shift=c.max_shift,
+        ema=c.ema,
+        tta=p.tta,
         seed=c.seed,
         channels_last=c.gpu or CPU_CHANNELS_LAST,
         cpus_per_node=cpus_per_node(),
@@ -230,7 +277,11 @@ def fit(p: Plan, run_id: str, uri: str, scaling: Any) -> dict[str, Any]:
             name=f"cnnflow-{run_id}",  # one Ray Train run per MLflow run
             storage_path=storage,
             failure_config=FailureConfig(max_failures=c.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            # The best epoch by val_acc; Ray also keeps the latest, which a restart resumes from.
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=BEST_METRIC, checkpoint_score_order="max"
+            ),
+            callbacks=list(callbacks) or None,
             worker_runtime_env={"env_vars": env} if env else None,
             logging_config=LoggingConfig(log_level="WARNING"),  # our epoch lines, not Train's INFO
         ),
@@ -243,9 +294,10 @@ def fit(p: Plan, run_id: str, uri: str, scaling: Any) -> dict[str, Any]:
         raise TrainingFailed(
             f"training failed after {c.max_failures} retries (MLflow run {run_id} is FAILED): {_first_line(exc)}"
         ) from exc
-    if result.checkpoint is None:
+    best = result.get_best_checkpoint(BEST_METRIC, "max") if result.checkpoint else None
+    if best is None:
         raise TrainingFailed("training ended without a checkpoint")
-    with result.checkpoint.as_directory() as folder:
+    with best.as_directory() as folder:
         return torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
 
 
@@ -259,8 +311,12 @@ def read_split(p: Plan, split: str) -> Any:
     import ray
     import ray.data
 
-    shuffle = "files" if split == TRAIN else None
+    # Seeded file order and order-preserving execution: the same --seed reads the same
+    # rows in the same order, so a run can be repeated (the per-epoch shuffle is seeded
+    # in the loop).
+    shuffle = ray.data.FileShuffleConfig(seed=p.config.seed) if split == TRAIN else None
     ds = ray.data.read_parquet(join(p.data, split), columns=["image", "label"], shuffle=shuffle)
+    ds.context.execution_options.preserve_order = True
     nbytes = int(p.manifest["num_rows"][split]) * p.spec.image_size**2 * 3
     if nbytes < MATERIALIZE_FRACTION * ray.available_resources().get("object_store_memory", 0):
         ds = ds.materialize()

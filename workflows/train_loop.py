@@ -2,11 +2,20 @@
 
 Each worker reads its own shard of the train and val datasets, converts Arrow batches of
 raw pixels to uint8 tensors without a per-row loop, and normalises and augments them on
-its device. Every epoch ends with validation (sharded, sums all-reduced), one
-`ray.train.report` with a checkpoint (model, optimizer, scheduler, epoch, that epoch's
-metrics), and rank 0 logging that epoch's metrics into the driver's MLflow run at
-step=epoch. A restarted worker group resumes from the last checkpoint at epoch + 1, so
-no epoch is logged twice.
+its device. The learning rate follows torch's `OneCycleLR`; with `ema`, an exponential
+moving average of the weights (torch's `AveragedModel`) is what validation scores and
+what the checkpoint offers for registration. Every epoch ends with validation (sharded,
+sums all-reduced, with the flip test-time augmentation when `tta` says so), one
+`ray.train.report` with a checkpoint (the weights to register, the state to resume from,
+epoch, that epoch's metrics), and rank 0 logging that epoch's metrics into the driver's
+MLflow run at step=epoch. The controller keeps the best epoch by `val_acc` (and the
+latest, to resume from). A restarted worker group resumes from the latest checkpoint at
+epoch + 1, so no epoch is logged twice.
+
+Reproducibility: the same seed gives the same initial weights, the same data order
+(seeded file and local shuffles, order-preserving reads, see workflows/train.py) and the
+same augmentation (torch's RNG is reseeded from (seed, epoch, rank) every epoch, so a
+resumed run draws what an uninterrupted one would have).
 """
 from __future__ import annotations
 
@@ -27,14 +36,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from ray.data.collate_fn import ArrowBatchCollateFn
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from cnn.inference import class_probabilities
 from cnn.models import ModelSpec, build_model, model_state
 from cnn.transforms import BatchAugment, Normalize
 from data_prep.schema import pixels
 from workflows import tracking
 
 CHECKPOINT_FILE = "checkpoint.pt"
-WARMUP_EPOCHS = 1  # linear warm-up to the peak lr, then linear decay to 0 (one-cycle)
 # Rows a worker mixes before cutting batches; shards may hold runs of one class.
 SHUFFLE_BUFFER_ROWS = 2048
 # A file the loop writes with its pid, so that a test can kill a real worker process.
@@ -52,11 +62,14 @@ class LoopConfig:
     epochs: int
     batch_size: int  # per worker
     lr: float
+    warmup: float  # share of the steps spent rising to `lr`
     optimizer: str
     weight_decay: float
     label_smoothing: float
     hflip: bool
     max_shift: float
+    ema: float  # decay per step of the weights' moving average; 0: no average
+    tta: str  # "flip": validation averages each image with its mirror, as predict will
     seed: int
     channels_last: bool
     cpus_per_node: int  # workers on a node share its cores as torch intra-op threads
@@ -87,17 +100,24 @@ def make_optimizer(name: str, params: Any, *, lr: float, weight_decay: float) ->
     raise ValueError(f"unknown optimizer {name!r}; known: adamw, sgd")
 
 
-def one_cycle(optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over the first epoch, then linear decay to zero at the last step."""
-    total = max(1, steps_per_epoch * epochs)
-    warmup = max(1, min(total // 2, steps_per_epoch * WARMUP_EPOCHS))
+def one_cycle(
+    optimizer: torch.optim.Optimizer, *, lr: float, steps_per_epoch: int, epochs: int, warmup: float
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """torch's one-cycle: cosine warm-up to `lr` over `warmup` of the steps, cosine down to ~0."""
+    total = max(2, steps_per_epoch * epochs)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=warmup)
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def moving_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of the weights and BatchNorm statistics, or None."""
+    if decay <= 0:
+        return None
+    return AveragedModel(getattr(model, "module", model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """One seed per (run seed, epoch, worker): augmentation and shuffles differ by epoch."""
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
 
 
 def all_reduce_sums(*values: float, device: torch.device) -> list[float]:
@@ -130,21 +150,26 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
+    ema = moving_average(model, cfg.ema)
+    scored = ema.module if ema is not None else getattr(model, "module", model)  # what validation scores
     normalize = Normalize(mean=cfg.mean, std=cfg.std, channels_last=cfg.channels_last).to(device)
     augment = BatchAugment(hflip=cfg.hflip, max_shift=cfg.max_shift).to(device)
     # equal=True splits give every worker train_rows // world rows.
     steps_per_epoch = math.ceil((cfg.train_rows // world) / cfg.batch_size)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = one_cycle(optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
+    scheduler = one_cycle(optimizer, lr=cfg.lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, warmup=cfg.warmup)
 
     start_epoch = 1
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-        getattr(model, "module", model).load_state_dict(state["model"]["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        resume = state["resume"]
+        getattr(model, "module", model).load_state_dict(resume["model"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
         start_epoch = state["epoch"] + 1
         if rank == 0:
             # The worker may have died between saving this checkpoint and logging its epoch.
@@ -160,6 +185,8 @@ def train_loop(config_dict: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         started = time.perf_counter()
+        seed = epoch_seed(cfg.seed, epoch, rank)
+        torch.manual_seed(seed)  # this epoch's flips and shifts
         model.train()
         augment.train()
         loss_sum = torch.zeros((), device=device)
@@ -170,6 +197,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
             collate_fn=collate,
             prefetch_batches=2,
             local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, cfg.batch_size),
+            local_shuffle_seed=seed,
             pin_memory=on_gpu,
         ):
             x = augment(normalize(images))  # uint8 (N, S, S, 3) -> float (N, 3, S, S)
@@ -182,13 +210,15 @@ def train_loop(config_dict: dict[str, Any]) -> None:
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(getattr(model, "module", model))
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
         train_time = time.perf_counter() - started
         lr = optimizer.param_groups[0]["lr"]
 
-        val_loss, val_correct, val_seen = evaluate_shard(model, val_shard, collate, normalize, autocast, device)
+        val_loss, val_correct, val_seen = evaluate_shard(scored, val_shard, collate, normalize, autocast, cfg.tta)
         t_loss, t_correct, t_seen, v_loss, v_correct, v_seen = all_reduce_sums(
             loss_sum.item(), correct.item(), seen, val_loss, val_correct, val_seen, device=device
         )
@@ -208,9 +238,13 @@ def train_loop(config_dict: dict[str, Any]) -> None:
             if rank == 0:
                 torch.save(
                     {
-                        "model": model_state(model, spec),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
+                        "model": model_state(scored, spec),  # what gets registered if this epoch is best
+                        "resume": {
+                            "model": getattr(model, "module", model).state_dict(),
+                            "ema": ema.state_dict() if ema is not None else None,
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                        },
                         "epoch": epoch,
                         "metrics": metrics,
                     },
@@ -240,15 +274,19 @@ def evaluate_shard(
     collate: ShardBatch,
     normalize: Normalize,
     autocast: torch.autocast,
-    device: torch.device,
+    tta: str,
 ) -> tuple[float, int, int]:
-    """Summed loss, correct predictions and rows of this worker's validation shard."""
+    """Summed loss, correct predictions and rows of this worker's validation shard.
+
+    Scored with `class_probabilities`, the function predict and the pyfunc model use, so
+    validation accuracy is what a registered model does on the same pixels.
+    """
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     for images, labels in shard.iter_torch_batches(batch_size=256, collate_fn=collate, prefetch_batches=2):
         with autocast:
-            logits = model(normalize(images))
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        correct += int((logits.argmax(1) == labels).sum())
+            probs = class_probabilities(model, normalize, images, tta=tta)
+        loss_sum += F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").item()
+        correct += int((probs.argmax(1) == labels).sum())
         seen += len(labels)
     return loss_sum, correct, seen
