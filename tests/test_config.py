@@ -40,6 +40,12 @@ def test_unknown_key_lists_the_valid_ones(tmp_path: Path) -> None:
         ({"data": "d", "optimizer": "lion"}, "optimizer must be one of adamw, sgd"),
         ({"data": "d", "model": "vgg"}, "known models: resnet18, seed, simple"),
         ({"data": "d", "workers": 0}, "workers must be >= 1"),
+        ({"data": "d", "epochs": 0}, "epochs must be >= 1"),
+        ({"data": "d", "lr": float("inf")}, r"lr must be in \(0, 10\)"),
+        ({"data": "d", "max_shift": 0.9}, r"max_shift must be in \[0, 0.5\)"),
+        ({"data": "d", "label_smoothing": 1.5}, "label_smoothing must be in"),
+        ({"data": "d", "ema": 1.0}, "ema must be in"),
+        ({"data": "d", "tta": "rotate"}, "tta must be one of none, flip"),
         ({"epochs": 3}, "missing data"),
     ],
 )

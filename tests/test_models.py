@@ -177,3 +177,18 @@ def test_mixed_precision_rounds_but_agrees_on_a_convnet() -> None:
     mixed = mixed_probabilities(model, normalize, pixels)
     assert torch.equal(mixed.argmax(1), reference.argmax(1))
     torch.testing.assert_close(mixed, reference, rtol=0, atol=0.01)  # bf16 rounding, not another answer
+
+
+def test_flip_tta_averages_an_image_and_its_mirror() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("simple", 3, 16, {"width": 4, "depth": 2})).eval()
+    normalize = Normalize(mean=[0.5] * 3, std=[0.25] * 3)
+    pixels = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8)
+    plain = class_probabilities(model, normalize, pixels)
+    mirrored = class_probabilities(model, normalize, pixels.flip(2))  # (N, H, W, 3): W is dim 2
+    flip = class_probabilities(model, normalize, pixels, tta="flip")
+    assert torch.allclose(flip, (plain + mirrored) / 2, atol=1e-6)
+    assert not torch.allclose(flip, plain, atol=1e-4)  # the mirror really counts
+    assert torch.allclose(mixed_probabilities(model, normalize, pixels, tta="flip").argmax(1), flip.argmax(1))
+    with pytest.raises(ValueError, match="known: none, flip"):
+        class_probabilities(model, normalize, pixels, tta="rotate")

@@ -25,7 +25,7 @@ from tests.images import label_from_pixels, pattern_pixels
 from workflows import prep, tracking
 from workflows.config import ConfigError, PrepConfig, TrainConfig
 from workflows.errors import CnnflowError
-from workflows.train import run
+from workflows.train import budget_epochs, run
 from workflows.train_loop import PID_FILE_ENV
 
 CLASSES = ("horizontal", "vertical", "checker")
@@ -177,3 +177,36 @@ def test_a_failed_job_ends_its_run_failed_with_the_reason(ray_local, mlflow_uri,
     r = only_run()
     assert r.info.status == "FAILED"
     assert "expected 192 (8x8x3)" in r.data.tags["failure_reason"]
+
+
+def test_same_seed_same_metrics_and_the_best_epoch_is_registered(ray_local, mlflow_uri, stripes, tmp_path):
+    # A high learning rate with no warm-up to speak of makes validation accuracy move
+    # about between epochs, so "best" and "last" can differ.
+    options = dict(epochs=3, lr=0.05, warmup=0.05, seed=3, register_as="repeat")
+    for name in ("a", "b"):
+        assert run(small(stripes, tmp_path, run_name=name, **options)) == 0
+    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["tests"], output_format="list")}
+    histories = {
+        name: {key: tracking.metric_history(r.info.run_id, key) for key in ("train_loss", "val_loss", "val_acc")}
+        for name, r in runs.items()
+    }
+    assert histories["a"] == histories["b"]  # epoch by epoch, to the last bit
+
+    client = tracking.client()
+    for version, name in ((1, "a"), (2, "b")):
+        mv = client.get_model_version("repeat", str(version))
+        val_acc = dict(histories[name]["val_acc"])
+        best = max(val_acc.values())
+        # The registered weights are those of an epoch with the best validation accuracy,
+        # and scoring them again on the whole split gives that epoch's accuracy.
+        assert val_acc[int(mv.tags["best_epoch"])] == best
+        assert float(mv.tags["val_acc"]) == pytest.approx(best, abs=1e-6)
+        assert runs[name].data.tags["best_epoch"] == mv.tags["best_epoch"]
+
+
+@pytest.mark.parametrize(
+    ("train_rows", "global_batch", "epochs"),
+    [(100, 64, 30), (1600, 64, 30), (3000, 64, 16), (6400, 64, 10), (1_000_000, 64, 10), (6400, 128, 15)],
+)
+def test_epoch_budget_gives_small_sets_steps_and_large_sets_no_waste(train_rows, global_batch, epochs):
+    assert budget_epochs(train_rows, global_batch) == epochs

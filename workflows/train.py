@@ -239,7 +239,7 @@ def fit(p: Plan, run_id: str, uri: str, scaling: Any, *, callbacks: Sequence[Any
 
     `callbacks` are Ray Train callbacks (a Tune trial passes Tune's report callback).
     """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     c = p.config
@@ -268,11 +268,16 @@ def fit(p: Plan, run_id: str, uri: str, scaling: Any, *, callbacks: Sequence[Any
     datasets = {split: read_split(p, split) for split in (TRAIN, VAL)}
     env = {PID_FILE_ENV: os.environ[PID_FILE_ENV]} if os.environ.get(PID_FILE_ENV) else {}
     storage = c.storage if c.storage is None or "://" in c.storage else os.path.abspath(c.storage)
+    # Ray Train's ingest replaces each dataset's execution options with its own: keep
+    # them, but with the row order preserved, so that one --seed means one data order.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop.to_dict(),
         scaling_config=scaling,
         datasets=datasets,
+        dataset_config=DataConfig(execution_options=ingest),
         run_config=RunConfig(
             name=f"cnnflow-{run_id}",  # one Ray Train run per MLflow run
             storage_path=storage,
