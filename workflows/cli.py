@@ -23,6 +23,7 @@ from workflows.errors import CnnflowError, NotBuiltYet
 COMMANDS: dict[str, tuple[type, str]] = {
     "prep": (cfg.PrepConfig, "workflows.prep:run"),
     "train": (cfg.TrainConfig, "workflows.train:run"),
+    "tune": (cfg.TuneConfig, "workflows.tune:run"),
     "predict": (cfg.PredictConfig, "workflows.predict:run"),
     "promote": (cfg.PromoteConfig, "workflows.promote:run"),
     "summary": (cfg.SummaryConfig, "workflows.summary:run"),

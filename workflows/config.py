@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -209,6 +210,62 @@ class DemoConfig(RayOptions):
 
     workdir: str = option("cnnflow-demo", "Folder for the demo's images, shards and predictions.")
     fresh: bool = option(False, "Start clean instead of reusing what is already done.")
+
+
+# The train options `cnnflow tune --search` may vary (the ranges are in workflows/tune.py).
+SEARCHABLE = ("lr", "weight_decay", "width", "depth", "max_shift", "label_smoothing", "epochs")
+
+
+@dataclass(kw_only=True)
+class TuneConfig(TrainConfig):
+    """Search hyperparameters with Ray Tune: each trial a Ray Train run, the best one registered.
+
+    The train options are the base of the search: the options named by --search are
+    sampled around their value, the others stay as given. Every trial is a child MLflow
+    run under one parent run; ASHA stops trials that trail the others. Only the best
+    trial's model is registered (as `train` would register it), and with --promote it
+    goes through the same champion gate. Trials run one at a time unless the cluster
+    has CPUs (or GPUs) for more.
+
+    A search that was interrupted (Ctrl+C, a lost driver) is resumed with --resume
+    (the last unfinished search on DATA in --experiment) or with the same --name: the
+    finished trials are kept, the others go on, the parent run is reused.
+    """
+
+    trials: int = option(8, "Trials, each one set of options sampled from the search space.")
+    time_budget: float | None = option(
+        None, "Seconds for the whole search; trials still running then are stopped (default: no limit)."
+    )
+    search: str = option(
+        ",".join(SEARCHABLE),
+        "Options to search, comma-separated; each is sampled around its given value: lr x1/4..x4 "
+        "and weight_decay x1/10..x10 (log-uniform), width x1/2, x1, x2 and depth -1, 0, +1 (simple), "
+        "max_shift and label_smoothing x0, x1/2, x1, x3/2, epochs x1/2, x1, x3/2.",
+    )
+    grace_epochs: int = option(3, "ASHA: epochs every trial runs before it may be stopped for trailing.")
+    name: str | None = option(
+        None, "The search's folder under --storage (default: cnnflow-tune-<parent run id>); "
+        "an unfinished search of that name is resumed."
+    )
+    resume: bool = option(
+        False, "Resume the last unfinished search on DATA in --experiment (or the one --name names)."
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.trials >= 1, f"trials must be >= 1, got {self.trials}")
+        _check(self.time_budget is None or self.time_budget > 0, f"time_budget must be > 0 seconds, got {self.time_budget}")
+        _check(self.grace_epochs >= 1, f"grace_epochs must be >= 1, got {self.grace_epochs}")
+        unknown = sorted(set(self.search_options()) - set(SEARCHABLE))
+        _check(not unknown, f"search: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+               f"searchable: {', '.join(SEARCHABLE)}")
+        _check(
+            self.name is None or re.fullmatch(r"[\w.-]+", self.name) is not None,
+            f"name must be a folder name of letters, digits, '.', '_' and '-', got {self.name!r}",
+        )
+
+    def search_options(self) -> list[str]:
+        return [s.strip().replace("-", "_") for s in self.search.split(",") if s.strip()]
 
 
 def model_options(config: TrainConfig | SummaryConfig) -> dict[str, Any]:

@@ -13,8 +13,24 @@ from workflows.config import CHAMPION_ALIAS, RunsConfig
 OPTION_COLUMNS = (("model", "model"), ("epochs", "epochs"), ("batch", "batch_size"), ("lr", "lr"), ("workers", "workers"))
 
 
+def short(value: str) -> str:
+    """A param as logged, with a sampled float cut to 4 significant digits (0.0146..., a tune trial's lr)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if "." in value and len(value) > 8 else value
+
+
+def run_label(row: dict) -> str:
+    """`name (run id)`; a child run (a tune's trial) indented under its parent."""
+    label = f"{row['name']} ({row['run_id'][:8]})"
+    return f"  └ {label}" if row.get("parent") else label
+
+
 def table(rows: list[dict], experiment: str) -> Table:
-    t = Table(title=f"experiment {experiment!r}: {len(rows)} most recent runs", title_justify="left")
+    top = sum(1 for row in rows if not row.get("parent"))
+    t = Table(title=f"experiment {experiment!r}: {top} most recent runs", title_justify="left")
     t.add_column("run", no_wrap=True)
     t.add_column("started")
     t.add_column("status")
@@ -30,10 +46,10 @@ def table(rows: list[dict], experiment: str) -> Table:
         if row["champion"]:
             registered += f" @{CHAMPION_ALIAS}"
         t.add_row(
-            f"{row['name']} ({row['run_id'][:8]})",
+            run_label(row),
             dt.datetime.fromtimestamp(row["start_time"]).strftime("%m-%d %H:%M"),
             row["status"],
-            *[params.get(param, "") for _, param in OPTION_COLUMNS],
+            *[short(params.get(param, "")) for _, param in OPTION_COLUMNS],
             "" if val_acc is None else f"{val_acc:.4f}",
             f"{row['duration_s']:.0f}s",
             registered,

@@ -191,6 +191,13 @@ def log_dict(run_id: str, payload: Mapping[str, Any], artifact_file: str) -> Non
     client().log_dict(run_id, dict(payload), artifact_file)
 
 
+def read_dict(run_id: str, artifact_file: str) -> dict[str, Any]:
+    """A JSON artifact that `log_dict` wrote, read back."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client().download_artifacts(run_id, artifact_file, tmp)
+        return json.loads(Path(local).read_text())
+
+
 def log_text(run_id: str, text: str, artifact_file: str) -> None:
     client().log_text(run_id, text, artifact_file)
 
@@ -397,20 +404,192 @@ def load_classifier(model_uri: str) -> Classifier:
     return Classifier(model, spec, preprocessing, uri, name, version)
 
 
+# --- parent and child runs (`cnnflow tune`: one parent, one child per trial) ------------
+
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: its UI nests a child under the parent
+CHILD_KEY_TAG = "child_key"  # on a child: what names it within its parent (a Tune trial id)
+MAX_CHILDREN = 1000  # children read back per parent (one page of search_runs)
+
+
+def use_tracking_uri(uri: str) -> None:
+    """Point this process at the tracking URI the driver resolved.
+
+    For a process Ray starts (a Tune trial): its environment is the Ray node's and its
+    working directory a trial folder, so neither MLFLOW_TRACKING_URI nor a relative
+    ./mlflow.db would reach the driver's store. `client()` and the fluent API then agree.
+    """
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
+@contextmanager
+def _ends_with_status(run_id: str) -> Iterator[None]:
+    """End the active run `run_id` FINISHED, or FAILED / KILLED with the reason as a tag."""
+    try:
+        yield
+    except BaseException as exc:
+        status = RunStatus.to_string(RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED)
+        client().set_tag(run_id, FAILURE_TAG, f"{type(exc).__name__}: {exc}"[:4000])
+        mlflow.end_run(status)
+        raise
+    else:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _clear_failure(run_id: str) -> None:
+    """A reopened run is no longer failed: drop the reason its last end recorded."""
+    c = client()
+    if FAILURE_TAG in c.get_run(run_id).data.tags:
+        c.delete_tag(run_id, FAILURE_TAG)
+
+
+def _log_params(params: Mapping[str, Any]) -> None:
+    mlflow.log_params({k: "" if v is None else v for k, v in params.items()})
+
+
+@contextmanager
+def parent_run(
+    *, experiment: str, run_name: str | None, params: Mapping[str, Any], tags: Mapping[str, str], run_id: str | None = None
+) -> Iterator[str]:
+    """A run that groups child runs, ended like `training_run` (FINISHED, FAILED or KILLED).
+
+    With `run_id` the run is reopened (RUNNING again, its params kept, `tags` added)
+    instead of created: a resumed search goes on under the parent it started with.
+    """
+    use_tracking()
+    mlflow.set_experiment(experiment)
+    if run_id is None:
+        run_id = mlflow.start_run(run_name=run_name, tags=dict(tags)).info.run_id
+        _log_params(params)
+    else:
+        mlflow.start_run(run_id=run_id, tags=dict(tags))
+        _clear_failure(run_id)
+    with _ends_with_status(run_id):
+        yield run_id
+
+
+@contextmanager
+def child_run(
+    *, parent_run_id: str, key: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]
+) -> Iterator[str]:
+    """The child of `parent_run_id` that `key` names, as this process's (this thread's) active run.
+
+    Created in the parent's experiment, or reopened when one with that key exists (a
+    resumed search runs an unfinished trial again). Active, so that `log_model` can log
+    into it; ended FINISHED, or FAILED / KILLED with the reason.
+    """
+    use_tracking()
+    existing = child_run_ids(parent_run_id).get(key)
+    if existing:
+        mlflow.start_run(run_id=existing)
+        run_id = existing
+        _clear_failure(run_id)
+    else:
+        experiment_id = client().get_run(parent_run_id).info.experiment_id
+        run = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name,
+            parent_run_id=parent_run_id,
+            tags={**tags, CHILD_KEY_TAG: key},
+        )
+        run_id = run.info.run_id
+        _log_params(params)
+    with _ends_with_status(run_id):
+        yield run_id
+
+
+def _children(parent_run_id: str) -> list[Any]:
+    c = client()
+    experiment_id = c.get_run(parent_run_id).info.experiment_id
+    return c.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=MAX_CHILDREN,
+    )
+
+
+def child_run_ids(parent_run_id: str, *, status: str | None = None) -> dict[str, str]:
+    """key -> run id of the parent's children (only those in `status`, e.g. RUNNING, if given)."""
+    return {
+        r.data.tags[CHILD_KEY_TAG]: r.info.run_id
+        for r in _children(parent_run_id)
+        if CHILD_KEY_TAG in r.data.tags and (status is None or r.info.status == status)
+    }
+
+
+def end_if_running(run_id: str, tags: Mapping[str, Any], *, status: str = "FINISHED") -> bool:
+    """End a run that its own process can no longer end (it was stopped from outside):
+    tag it and give it `status`, if it is still RUNNING. True when it was."""
+    c = client()
+    if c.get_run(run_id).info.status != RunStatus.to_string(RunStatus.RUNNING):
+        return False
+    set_tags(run_id, tags)
+    c.set_terminated(run_id, status)
+    return True
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], *, step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def latest_run(experiment: str, tags: Mapping[str, str], *, unfinished: bool = False) -> dict[str, Any] | None:
+    """The newest run of the experiment with all of `tags` (not FINISHED, if `unfinished`):
+    {run_id, status, tags}, or None."""
+    exp = client().get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    if unfinished:
+        conditions.append("attributes.status != 'FINISHED'")
+    found = client().search_runs(
+        [exp.experiment_id],
+        filter_string=" and ".join(conditions),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not found:
+        return None
+    r = found[0]
+    return {"run_id": r.info.run_id, "status": r.info.status, "tags": dict(r.data.tags)}
+
+
 # --- listing -----------------------------------------------------------------------------
 
 
 def list_runs(experiment: str, max_runs: int) -> list[dict[str, Any]]:
-    """The experiment's latest runs as plain rows, with each registered version's champion mark."""
+    """The experiment's latest runs as plain rows, with each registered version's champion mark.
+
+    `max_runs` counts top-level runs; each parent's children (a tune's trials) follow it
+    as rows whose `parent` is the parent's run id, oldest first.
+    """
     c = client()
     found = c.get_experiment_by_name(experiment)
     if found is None:
         names = sorted(e.name for e in c.search_experiments())
         raise CnnflowError(f"no experiment {experiment!r}; experiments: {', '.join(names) or 'none'}")
-    runs = c.search_runs([found.experiment_id], max_results=max_runs, order_by=["attributes.start_time DESC"])
+    runs = c.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` IS NULL",
+        max_results=max_runs,
+        order_by=["attributes.start_time DESC"],
+    )
+    children: dict[str, list[Any]] = {}
+    if runs:
+        # A child starts after its parent: one query covers the children of every run shown.
+        oldest = min(r.info.start_time for r in runs)
+        for child in c.search_runs(
+            [found.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` IS NOT NULL and attributes.start_time >= {oldest}",
+            max_results=MAX_CHILDREN * max(1, len(runs)),
+            order_by=["attributes.start_time ASC"],
+        ):
+            children.setdefault(child.data.tags[PARENT_TAG], []).append(child)
     champions: dict[str, int | None] = {}
-    rows = []
-    for r in runs:
+
+    def row(r: Any, parent: str | None) -> dict[str, Any]:
         registered = r.data.tags.get(REGISTERED_TAG)
         is_champion = False
         if registered:
@@ -422,18 +601,22 @@ def list_runs(experiment: str, max_runs: int) -> list[dict[str, Any]]:
                     champions[name] = None
             is_champion = champions[name] == int(version)
         end = r.info.end_time or int(time.time() * 1000)
-        rows.append(
-            {
-                "run_id": r.info.run_id,
-                "name": r.info.run_name,
-                "status": r.info.status,
-                "start_time": r.info.start_time / 1000,
-                "duration_s": (end - r.info.start_time) / 1000,
-                "params": dict(r.data.params),
-                "metrics": dict(r.data.metrics),
-                "tags": {k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.")},
-                "registered": registered,
-                "champion": is_champion,
-            }
-        )
+        return {
+            "run_id": r.info.run_id,
+            "name": r.info.run_name,
+            "status": r.info.status,
+            "start_time": r.info.start_time / 1000,
+            "duration_s": (end - r.info.start_time) / 1000,
+            "params": dict(r.data.params),
+            "metrics": dict(r.data.metrics),
+            "tags": {k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.")},
+            "registered": registered,
+            "champion": is_champion,
+            "parent": parent,
+        }
+
+    rows = []
+    for r in runs:
+        rows.append(row(r, None))
+        rows.extend(row(child, r.info.run_id) for child in children.get(r.info.run_id, []))
     return rows

@@ -1,0 +1,114 @@
+"""`cnnflow tune`: Ray Tune over Ray Train, a parent MLflow run with one child per trial.
+
+End to end on a real local Ray and a real MLflow (SQLite), on the stripe patterns of
+tests/test_train.py prepared at 16 px; plus the pieces that need no cluster (the search
+space, ASHA's last-epoch rule, the options).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+
+from workflows import prep, tracking
+from workflows.cli import cli
+from workflows.config import ConfigError, PrepConfig, TuneConfig
+from workflows.train import plan
+from workflows.tune import STOPPED_TAG, EarlyStopping, run, search_space
+
+CLASSES = ("horizontal", "vertical", "checker")
+
+
+def prepare(image_folder, out: Path) -> Path:
+    images, _ = image_folder(classes=CLASSES, per_class=52, size=32)
+    assert prep.run(PrepConfig(input=str(images), output=str(out), image_size=16)) == 0
+    return out
+
+
+def test_two_trials_make_a_parent_two_children_and_register_the_better(ray_local, mlflow_uri, image_folder, tmp_path):
+    data = prepare(image_folder, tmp_path / "stripes")
+    config = TuneConfig(
+        data=str(data), model="simple", width=8, depth=2, epochs=1, batch_size=16, lr=0.01,
+        trials=2, search="lr,width", storage=str(tmp_path / "ray"), experiment="tests", run_name="search",
+    )
+    assert run(config) == 0
+
+    runs = mlflow.search_runs(experiment_names=["tests"], output_format="list")
+    parents = [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get(tracking.PARENT_TAG) == parent.info.run_id]
+    assert len(children) == 2 and len(runs) == 3
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "search"
+    assert all(c.info.status == "FINISHED" and STOPPED_TAG not in c.data.tags for c in children)
+    assert sorted(c.info.run_name for c in children) == ["trial-1", "trial-2"]
+    # The parent holds the base options and the search space; each child its own options.
+    assert parent.data.params["epochs"] == "1" and parent.data.params["search.width"] == "choice 4, 8, 16"
+    assert "search.lr" in parent.data.params and parent.data.params["trials"] == "2"
+    assert {c.data.params["width"] for c in children} <= {"4", "8", "16"}
+
+    # The registered version is the child with the highest val_acc, and everything says so.
+    version = tracking.client().get_model_version("stripes", "1")
+    best = max(c.data.metrics["val_acc"] for c in children)
+    registered = next(c for c in children if c.info.run_id == version.run_id)
+    assert registered.data.metrics["val_acc"] == best
+    assert version.tags["run_id"] == registered.info.run_id
+    assert version.tags["tune_parent_run_id"] == parent.info.run_id
+    assert registered.data.tags[tracking.REGISTERED_TAG] == "stripes/1"
+    assert parent.data.tags["best_run_id"] == registered.info.run_id
+    assert parent.data.tags["best_trial"] == registered.info.run_name
+    assert parent.data.metrics["val_acc"] == pytest.approx(best)
+
+    # `cnnflow runs` shows the children under their parent.
+    result = CliRunner().invoke(cli, ["runs", "--experiment", "tests"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "(" in line and ")" in line]
+    assert f"search ({parent.info.run_id[:8]})" in lines[0]
+    assert "└ trial-1" in lines[1] and "└ trial-2" in lines[2]
+    assert "stripes/1" in next(line for line in lines if registered.info.run_id[:8] in line)
+
+
+def trial(trial_id: str, epochs: int) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=trial_id, config={"epochs": epochs})
+
+
+def test_asha_stops_a_trailing_trial_but_not_at_its_last_epoch() -> None:
+    asha = EarlyStopping(base_epochs=9, time_attr="epoch", metric="val_acc", mode="max", max_t=9, grace_period=1, reduction_factor=3)
+    leader, trailing, done = trial("a_00000", 9), trial("a_00001", 9), trial("a_00002", 1)
+    for t in (leader, trailing, done):
+        asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, leader, {"epoch": 1, "val_acc": 0.9}) == "CONTINUE"
+    assert asha.on_trial_result(None, trailing, {"epoch": 1, "val_acc": 0.5}) == "STOP"
+    # A one-epoch trial trailing at the same rung is already done training: it goes on to
+    # its evaluation and logged model instead.
+    assert asha.on_trial_result(None, done, {"epoch": 1, "val_acc": 0.4}) == "CONTINUE"
+
+
+def test_the_search_space_is_around_the_given_options_and_builds(image_folder, tmp_path, ray_local) -> None:
+    data = prepare(image_folder, tmp_path / "stripes")
+    config = TuneConfig(data=str(data), model="simple", width=8, depth=4, epochs=4, lr=0.01, weight_decay=0.0)
+    space, described = search_space(config, plan(config))
+    # 16 px halves to 1 px in 4 stages: depth 5 would not build and is left out.
+    assert space["depth"].categories == [3, 4]
+    assert space["width"].categories == [4, 8, 16]
+    assert space["epochs"].categories == [2, 4, 6]
+    assert (space["lr"].lower, space["lr"].upper) == pytest.approx((0.0025, 0.04))
+    assert "weight_decay" not in space  # zero stays zero
+    assert described["max_shift"] == "choice 0, 0.0625, 0.125, 0.1875"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"search": "lr,momentum"}, "unknown option momentum; searchable: lr, weight_decay"),
+        ({"trials": 0}, "trials must be >= 1"),
+        ({"time_budget": -1.0}, "time_budget must be > 0"),
+        ({"name": "a/b"}, "name must be a folder name"),
+    ],
+)
+def test_bad_tune_options_say_what_is_allowed(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TuneConfig(data="d", **values)
