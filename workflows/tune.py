@@ -53,7 +53,9 @@ from workflows.train import BEST_METRIC, Plan, plan, resolved_options, run_tags,
 MODE = "max"  # val_acc
 TIME_ATTR = "epoch"  # what the workers report per epoch; ASHA's rungs are in epochs
 REDUCTION_FACTOR = 3  # ASHA keeps the top third at each rung
-TRIAL_MEMORY = 512 * 2**20  # bytes: a trial's own process (torch, MLflow, the evaluation)
+# Bytes Ray books for a trial's own process (torch, MLflow, the evaluation): a rough
+# size, booked for scheduling only (Ray does not enforce it).
+TRIAL_MEMORY = 512 * 2**20
 # Search ranges, as factors of the given value (see TuneConfig.search's help).
 LR_FACTOR = 4.0  # lr log-uniform in [lr / 4, lr * 4]
 WEIGHT_DECAY_FACTOR = 10.0
