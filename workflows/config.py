@@ -248,7 +248,8 @@ class TuneConfig(TrainConfig):
         "an unfinished search of that name is resumed."
     )
     resume: bool = option(
-        False, "Resume the last unfinished search on DATA in --experiment (or the one --name names)."
+        False, "Resume the last unfinished search on DATA in --experiment (or the one --name names), "
+        "with the options it started with."
     )
 
     def __post_init__(self) -> None:
