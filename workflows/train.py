@@ -43,7 +43,7 @@ CPU_CHANNELS_LAST = True
 MATERIALIZE_FRACTION = 0.25  # of the object store: splits smaller than this are read once
 # The training budget when --epochs is not given: enough optimizer steps for a small set
 # to converge, no more passes than a large one needs (settled on bench/bench_quality.py).
-TARGET_STEPS = 750
+TARGET_STEPS = 1500
 MIN_EPOCHS, MAX_EPOCHS = 10, 30
 BEST_METRIC = "val_acc"  # the epoch whose weights get registered
 
