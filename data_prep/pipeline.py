@@ -32,6 +32,7 @@ from data_prep.schema import (
     VAL,
     join,
     resolve,
+    write_atomic,
     write_json,
 )
 from data_prep.shards import ChunkResult, write_chunk
@@ -90,7 +91,7 @@ def prepare(
     warnings = rep.warnings_for(found, total, counts)
     seconds = time.perf_counter() - start
     report = rep.build_report(found, total, output=out, counts=counts, seconds=seconds, warnings=warnings)
-    rep.write_bytes(join(out, QUARANTINE), rep.quarantine_csv(total.quarantined))
+    write_atomic(join(out, QUARANTINE), rep.quarantine_csv(total.quarantined))
     write_json(join(out, REPORT), report)
     _check_written(found, total, counts, out, splits)
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.scan import Scan
-from data_prep.schema import SHARD_FORMAT_VERSION, TRAIN, UNLABELED, VAL, resolve
+from data_prep.schema import SHARD_FORMAT_VERSION, TRAIN, UNLABELED, VAL
 from data_prep.shards import ChunkResult
 
 
@@ -167,8 +167,3 @@ def quarantine_csv(rows: list[dict[str, str]]) -> bytes:
     writer.writerows(rows)
     return buf.getvalue().encode()
 
-
-def write_bytes(uri: str, payload: bytes) -> None:
-    fs, path = resolve(uri)
-    with fs.open_output_stream(path) as out:
-        out.write(payload)

@@ -41,10 +41,42 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
-def write_json(uri: str, payload: dict[str, Any]) -> None:
+# Object stores publish an object whole when its upload completes, and their `move` is a
+# copy and a delete: a direct write is already all-or-nothing there.
+WHOLE_OBJECT_STORES = frozenset({"s3", "gcs"})
+
+
+def temp_name(name: str) -> str:
+    """The hidden name a file is written under before it is renamed into place."""
+    return f".{name}.tmp"
+
+
+def write_atomic(uri: str, payload: bytes) -> None:
+    """Replace the file at `uri` at once: a reader sees the old bytes or the new, never part.
+
+    Written under `temp_name` in the same folder, then renamed over the target (a rename
+    within one local file system is atomic), so a job killed mid-write leaves the old file
+    whole and at most a hidden temporary that the next run removes.
+    """
     fs, path = resolve(uri)
-    with fs.open_output_stream(path) as out:
-        out.write(json.dumps(payload, indent=2, sort_keys=False).encode() + b"\n")
+    if fs.type_name in WHOLE_OBJECT_STORES:
+        with fs.open_output_stream(path) as out:
+            out.write(payload)
+        return
+    folder, _, name = path.rpartition("/")
+    temp = join(folder, temp_name(name)) if folder else temp_name(name)
+    with fs.open_output_stream(temp) as out:
+        out.write(payload)
+    try:
+        fs.move(temp, path)
+    except NotImplementedError:  # a file system without rename: the best it offers is a direct write
+        fs.delete_file(temp)
+        with fs.open_output_stream(path) as out:
+            out.write(payload)
+
+
+def write_json(uri: str, payload: dict[str, Any]) -> None:
+    write_atomic(uri, json.dumps(payload, indent=2, sort_keys=False).encode() + b"\n")
 
 
 def read_json(uri: str) -> dict[str, Any]:

@@ -152,9 +152,12 @@ def test_resume_scores_only_the_rest_and_another_version_refuses(ray_local, regi
     rows = read_output(out)
     assert len(rows) == len(first) + len(more) and rows["path"].is_unique
 
+    summary_inode = (out / "summary.json").stat().st_ino
     predict(root, out)  # nothing left: nothing scored, nothing written twice
     assert json.loads((out / "summary.json").read_text())["this_run"]["rows"] == 0
     assert len(read_output(out)) == len(first) + len(more)
+    assert (out / "summary.json").stat().st_ino != summary_inode  # replaced whole, by a rename
+    assert not list(out.glob(".*.tmp"))
 
     second = register_again(registry)
     with pytest.raises(CnnflowError, match="--overwrite"):

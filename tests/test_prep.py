@@ -422,6 +422,27 @@ def test_output_must_be_new_empty_or_a_prep_output(image_folder, ray_local, tmp_
         prep(root, root / "out")
 
 
+def test_json_and_csv_outputs_are_replaced_whole(tmp_path: Path) -> None:
+    from data_prep.schema import write_atomic, write_json
+
+    csv_file = tmp_path / "quarantine.csv"
+    write_atomic(str(csv_file), b"path,reason\n")
+    first = csv_file.stat().st_ino
+    write_atomic(str(csv_file), b"path,reason\na.jpg,truncated\n")
+    assert csv_file.read_bytes() == b"path,reason\na.jpg,truncated\n" and csv_file.stat().st_ino != first
+    csv_file.unlink()
+    target = tmp_path / "manifest.json"
+    write_json(str(target), {"version": 1})
+    inode = target.stat().st_ino
+    with pytest.raises(TypeError):
+        write_json(str(target), {"version": object()})  # fails half-way: the old file stays whole
+    assert json.loads(target.read_text()) == {"version": 1}
+    write_json(str(target), {"version": 2})
+    assert json.loads(target.read_text()) == {"version": 2}
+    assert target.stat().st_ino != inode  # renamed into place, not rewritten in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]  # no temporary left
+
+
 # --- decode_image, the function predict shares ------------------------------------------
 
 
