@@ -167,6 +167,31 @@ def test_resume_scores_only_the_rest_and_another_version_refuses(ray_local, regi
     assert len(rows) == len(first) + len(more) and (rows["model_uri"] == second).all()
 
 
+def test_output_that_overlaps_the_input_or_holds_other_files_is_refused_before_anything_starts(folder, tmp_path):
+    # No model and no Ray are needed to refuse: nothing is loaded, started or written.
+    root, _ = folder
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(CnnflowError, match="is inside the input"):
+        predict(root, root / "preds")
+    with pytest.raises(CnnflowError, match="holds the input"):
+        predict(root / "part0", root)
+    with pytest.raises(CnnflowError, match="is the input folder"):
+        predict(root, root)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "summary.json").write_text('{"mine": true}')
+    (theirs / "part-1.csv").write_text("precious")
+    with pytest.raises(CnnflowError, match=r"did not write \(part-1.csv, summary.json\)"):
+        predict(root, theirs)
+    assert (theirs / "part-1.csv").read_text() == "precious" and not (theirs / ".cnnflow-output.json").exists()
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        predict(root, tmp_path / "a-file")
+
+
 def test_prep_output_is_scored_from_its_shards(ray_local, registry, tmp_path):
     out = tmp_path / "preds"
     assert predict(registry.prepared, out) == 0

@@ -415,11 +415,121 @@ def test_output_must_be_new_empty_or_a_prep_output(image_folder, ray_local, tmp_
     root, _ = image_folder(per_class=2)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy/thesis.docx").write_text("precious")
-    with pytest.raises(CnnflowError, match="neither empty nor a cnnflow prep output"):
+    with pytest.raises(CnnflowError, match=r"holds files that `cnnflow prep` did not write \(thesis.docx\)"):
         prep(root, tmp_path / "busy")
-    assert (tmp_path / "busy/thesis.docx").exists()
+    assert (tmp_path / "busy/thesis.docx").read_text() == "precious"
     with pytest.raises(CnnflowError, match="inside the input"):
         prep(root, root / "out")
+
+
+# --- what prep may touch: INPUT and OUTPUT apart, only its own files replaced ----------------
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_output_that_is_holds_or_sits_in_the_input_is_refused_before_anything_is_touched(image_folder, tmp_path: Path) -> None:
+    # The usual layout, dataset/{train,val}/<class>/...: `cnnflow prep dataset/train dataset`
+    # once deleted dataset/train. No Ray here: the refusal comes before it starts.
+    from click.testing import CliRunner
+
+    from workflows.cli import cli
+
+    images, _ = image_folder(classes=("x", "y"), per_class=3)
+    dataset = tmp_path / "dataset"
+    shutil.copytree(images, dataset / "train")
+    shutil.copytree(images, dataset / "val")
+    before = snapshot(dataset)
+    (tmp_path / "alias").symlink_to(dataset)  # the same folder under another name
+    cases = [
+        (dataset / "train", dataset, "holds the input"),
+        (dataset, dataset, "is the input folder"),
+        (dataset, dataset / "train" / "prepared", "is inside the input"),
+        (dataset / "train", tmp_path / "alias", r"\(really .*dataset\) holds the input"),
+        ((dataset / "train").as_uri(), dataset.as_uri(), "holds the input"),
+    ]
+    for input, output, how in cases:
+        with pytest.raises(CnnflowError, match=how):
+            prep(input, output)
+    assert snapshot(dataset) == before
+    assert not (dataset / "train" / "prepared").exists()
+    assert not list(dataset.glob(".cnnflow*")) and not (dataset / "manifest.json").exists()
+
+    result = CliRunner().invoke(cli, ["prep", str(dataset / "train"), str(dataset)])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1 and "holds the input" in result.output
+    assert snapshot(dataset) == before
+
+
+def test_locations_compare_after_symlinks_and_as_normalised_uris(tmp_path: Path) -> None:
+    from data_prep.safety import check_apart
+
+    overlapping = [
+        ("s3://bucket/data", "s3://bucket/data/"),
+        ("s3://bucket/data", "S3://bucket//data/./out"),
+        ("s3://bucket/data/train", "s3://KEY:SECRET@bucket/data"),
+        ("s3://bucket/data?endpoint_override=localhost:9000", "s3://bucket/data/out"),
+        (str(tmp_path / "in"), (tmp_path / "in" / "out").as_uri()),
+    ]
+    for input, output in overlapping:
+        with pytest.raises(ValueError, match="input") as info:
+            check_apart(input, output)
+        assert "SECRET" not in str(info.value)
+    apart = [
+        ("s3://bucket/data", "s3://bucket/data2"),  # a common prefix is not a parent
+        ("s3://bucket/data", "s3://other/data"),
+        ("s3://bucket/data", str(tmp_path / "data")),
+        (str(tmp_path / "in"), str(tmp_path / "in-prepared")),
+    ]
+    for input, output in apart:
+        check_apart(input, output)
+
+
+def test_output_holding_files_prep_did_not_write_is_refused_and_kept(image_folder, ray_local, tmp_path: Path) -> None:
+    root, _ = image_folder(classes=("x", "y"), per_class=4)
+    # Folders named like prep's own, holding someone's images, and no marker.
+    users = tmp_path / "users"
+    shutil.copytree(root / "x", users / "train")
+    (users / "val").mkdir()
+    (users / "val" / "part-00000.parquet").write_bytes(b"not cnnflow's")
+    before = snapshot(users)
+    with pytest.raises(CnnflowError, match=r"output .*users holds files .* did not write \(train/img_0000"):
+        prep(root, users)
+    assert snapshot(users) == before
+
+    # A real prep output, then the user adds files of their own: the rerun touches nothing.
+    out = tmp_path / "out"
+    assert prep(root, out) == 0
+    (out / "train" / "mine.jpg").write_bytes(b"precious")
+    (out / "notes.txt").write_text("precious")
+    before = snapshot(out)
+    with pytest.raises(CnnflowError, match=r"did not write \(notes.txt, train/mine.jpg\)"):
+        prep(root, out)
+    assert snapshot(out) == before
+
+    # An old-style output (manifest, no marker) whose shard lacks cnnflow's stamp is not ours.
+    fake = tmp_path / "fake"
+    (fake / "train").mkdir(parents=True)
+    shutil.copy(out / "manifest.json", fake / "manifest.json")
+    pq.write_table(pq.read_table(next((out / "train").glob("*.parquet"))).replace_schema_metadata(None), fake / "train/part-00000.parquet")
+    with pytest.raises(CnnflowError, match=r"did not write \(train/part-00000.parquet\)"):
+        prep(root, fake)
+    assert (fake / "train/part-00000.parquet").exists() and (fake / "manifest.json").exists()
+
+
+def test_an_output_from_before_the_marker_is_recognised_by_its_stamped_shards(image_folder, ray_local, tmp_path: Path) -> None:
+    from data_prep.safety import MARKER
+
+    root, specs = image_folder(classes=("x", "y"), per_class=4)
+    out = tmp_path / "out"
+    assert prep(root, out, rows_per_shard=2) == 0
+    (out / MARKER).unlink()  # as cnnflow wrote it before the marker existed
+    assert prep(root, out) == 0
+    assert len(rows(out, "train")) + len(rows(out, "val")) == len(specs)
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["written_by"] == "cnnflow prep"
+    assert set(marker["files"]) >= set(snapshot(out)) - {MARKER}
 
 
 def test_json_and_csv_outputs_are_replaced_whole(tmp_path: Path) -> None:

@@ -7,9 +7,15 @@ The driver consumes the pipeline's output itself: rows are small (a path, a labe
 floats), so it can count them for the summary and show progress as they come, and it
 writes each part file under a hidden name first and renames it when complete, so a run
 that dies leaves only whole files behind and the next run resumes from them.
+
+OUTPUT is claimed with cnnflow's marker (data_prep/safety.py), which names the runs whose
+part files are there: a rerun reads, resumes from or (with --overwrite) deletes those
+files only, and an OUTPUT that holds anything else, or overlaps INPUT, is refused with
+one line before the model loads or Ray starts.
 """
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections import Counter
@@ -26,7 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from data_prep import schema
+from data_prep import safety, schema
 from data_prep.scan import PrepError, normalize_uri, scan
 from workflows.config import PredictConfig
 from workflows.errors import CnnflowError
@@ -39,6 +45,9 @@ ROWS_PER_FILE = 50_000
 SECONDS_PER_FILE = 60.0
 LOG_EVERY_S = 30.0  # progress lines when stderr is not a terminal (ray job logs)
 SHARD_SPLITS = (schema.TRAIN, schema.VAL, schema.UNLABELED)
+STAGE = "predict"  # the marker's `written_by` is "cnnflow predict"
+# part-<run id>-<n>.<format>, the run id from Output.__init__; a leading dot while being written
+PART_NAME = re.compile(r"\.?part-(\d{8}T\d{6}-[0-9a-f]{6})-\d{5}\.(?:parquet|csv)")
 
 
 def run(config: PredictConfig) -> int:
@@ -46,6 +55,11 @@ def run(config: PredictConfig) -> int:
 
     from workflows.ray_runtime import ray_session
 
+    try:  # refusals come before the model loads or Ray starts, and before anything is written
+        safety.check_apart(config.input, config.output)
+        output = Output(config.output, config.format)
+    except PrepError as exc:
+        raise CnnflowError(str(exc)) from None
     console = Console(stderr=True)
     started = time.perf_counter()
     counts: Counter[str | None] = Counter()  # rows per predicted label; errors under None
@@ -54,7 +68,7 @@ def run(config: PredictConfig) -> int:
     # took ~2.5 s less than one after the other. A run with nothing left to score starts
     # Ray for nothing; that is the price.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        loading = pool.submit(load_job, config)
+        loading = pool.submit(load_job, config, output)
         with ray_session(config, dashboard=False):
             job = loading.result()
             console.print(
@@ -95,16 +109,17 @@ class Job:
     todo: pa.Array  # paths left to score
 
 
-def load_job(config: PredictConfig) -> Job:
+def load_job(config: PredictConfig, output: Output | None = None) -> Job:
     """The model, the inputs and what OUTPUT already holds; no Ray needed."""
     from workflows.tracking import load_classifier, resolve_model_uri, use_tracking
 
+    output = output or Output(config.output, config.format)
     use_tracking()
     model_uri = resolve_model_uri(config.model)
     classifier = load_classifier(model_uri)
     inputs = find_inputs(config.input, classifier.preprocessing)
-    output = Output(config.output, config.format)
     done = output.previous(model_uri, overwrite=config.overwrite)
+    output.claim()
     todo = inputs.paths.filter(pc.invert(pc.is_in(inputs.paths, value_set=done.column("path"))))
     return Job(model_uri, classifier, inputs, output, done, todo)
 
@@ -254,22 +269,80 @@ def _tally(batch: pa.Table) -> Counter[str | None]:
 
 
 class Output:
-    """OUTPUT: part files written whole (hidden name, then renamed), and summary.json."""
+    """OUTPUT: part files written whole (hidden name, then renamed), and summary.json.
+
+    Building one only reads: it finds the runs whose part files are in OUTPUT (`runs`) and
+    refuses an OUTPUT that holds anything cnnflow predict did not write. `claim` then
+    records this run in the marker before any part file is written.
+    """
 
     def __init__(self, uri: str, fmt: str):
         self.uri, self.fmt = uri, fmt
         self.fs, self.root = schema.resolve(uri)
         self.root = self.root.rstrip("/") or "/"
-        self.fs.create_dir(self.root, recursive=True)
         self.run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        self.runs = self._owned_runs()
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.opened = time.monotonic()
         self.written = 0
 
+    def _owned_runs(self) -> set[str]:
+        """Runs of `cnnflow predict` whose part files are in OUTPUT; refuses anything else there.
+
+        The marker names them. An OUTPUT from before the marker existed is recognised by
+        its contents alone: part files named as this module names them, and a summary.json
+        that is one of ours.
+        """
+        info = self.fs.get_file_info(self.root)
+        if info.type == pafs.FileType.NotFound:
+            return set()
+        if info.type != pafs.FileType.Directory:
+            raise NotADirectoryError(f"output {safety.redact(self.uri)} is a file; give a folder")
+        entries = safety.visible_entries(self.fs, self.root)
+        marker = safety.read_marker(self.fs, self.root)
+        if marker is not None and marker["written_by"] != f"cnnflow {STAGE}":
+            runs, summary_ours = set(), False  # another stage's output: nothing here is predict's
+        elif marker is not None:
+            runs, summary_ours = {r for r in marker.get("runs", []) if isinstance(r, str)}, True
+        else:
+            runs = {m.group(1) for e in entries if e.type == pafs.FileType.File and (m := PART_NAME.fullmatch(e.base_name))}
+            summary_ours = self._summary_is_ours()
+        foreign = [
+            e.base_name + ("/" if e.type == pafs.FileType.Directory else "")
+            for e in entries
+            if not (e.type == pafs.FileType.File and (self._ours(e.base_name, runs) or (e.base_name == SUMMARY and summary_ours)))
+        ]
+        if foreign and marker is not None and marker["written_by"] != f"cnnflow {STAGE}":
+            foreign.insert(0, f"a `{marker['written_by']}` output")
+        safety.refuse_foreign(self.uri, foreign, stage=STAGE)
+        return runs
+
+    def _summary_is_ours(self) -> bool:
+        try:
+            summary = schema.read_json(schema.join(self.uri, SUMMARY))
+        except (OSError, ValueError):
+            return False
+        return isinstance(summary, dict) and {"rows", "model_uri", "this_run"} <= set(summary)
+
+    @staticmethod
+    def _ours(name: str, runs: set[str]) -> bool:
+        match = PART_NAME.fullmatch(name)
+        return match is not None and match.group(1) in runs
+
+    def claim(self) -> None:
+        """Record this run in OUTPUT's marker: its part files are then provably ours."""
+        self.fs.create_dir(self.root, recursive=True)
+        self.runs.add(self.run_id)
+        safety.write_marker(self.uri, f"cnnflow {STAGE}", runs=sorted(self.runs))
+
     def _parts(self) -> list[pafs.FileInfo]:
+        """Part files of the runs in the marker, hidden (unfinished) ones included."""
         selector = pafs.FileSelector(self.root, allow_not_found=True)
-        return [e for e in self.fs.get_file_info(selector) if e.base_name.startswith((PART_PREFIX, f".{PART_PREFIX}"))]
+        return [
+            e for e in self.fs.get_file_info(selector)
+            if e.type == pafs.FileType.File and self._ours(e.base_name, self.runs)
+        ]  # fmt: skip
 
     def _read(self, path: str, columns: list[str]) -> pa.Table:
         if path.endswith(".parquet"):

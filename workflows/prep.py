@@ -27,8 +27,13 @@ from workflows.ray_runtime import ray_session
 
 
 def run(config: PrepConfig) -> int:
-    from data_prep.pipeline import prepare  # imports Ray: only when prep runs
+    from data_prep.pipeline import check_paths, prepare  # imports Ray: only when prep runs
     from data_prep.scan import PrepError
+
+    try:  # a refusal (INPUT and OUTPUT overlap, OUTPUT not ours) comes before Ray starts
+        check_paths(config.input, config.output)
+    except PrepError as exc:
+        raise CnnflowError(str(exc)) from None
 
     console = Console(stderr=True)
     with ray_session(config, dashboard=False, ray_data=False), _progress(console) as progress:
