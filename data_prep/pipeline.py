@@ -96,6 +96,8 @@ def prepare(
             stats_split=UNLABELED if unlabeled else TRAIN, on_progress=on_progress,
         )
     )  # fmt: skip
+    # Names that cannot even be opened were quarantined by the scan; they count the same.
+    total.quarantined = sorted(found.quarantined + total.quarantined, key=lambda q: q["path"])
 
     counts = rep.written_counts(found, total)
     warnings = rep.warnings_for(found, total, counts)

@@ -1,8 +1,15 @@
 """Listing an image folder (local or any pyarrow URI), labelling files and splitting them.
 
 Everything here runs in the driver and reads only names, never image bytes: a few
-bytes per file. Every listed file ends up either in `Scan.files` (to be decoded) or in
-`Scan.skipped` with a reason, so the accounting can be checked later.
+bytes per file. Every listed entry ends up in `Scan.files` (to be decoded), in
+`Scan.skipped` or in `Scan.quarantined` with a reason, so the accounting can be checked
+later.
+
+A local INPUT is listed without ever leaving it (`_list_local`): a symlink is followed
+only when it resolves inside INPUT, and each real folder is listed once, so a link to
+/etc or a link loop is one skipped entry, not a thousand rows. A name whose bytes are not
+UTF-8 cannot be stored in a string column or opened through pyarrow: it is quarantined
+under a readable form (`readable_name`), never a crash.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from data_prep.decode import IMAGE_EXTENSIONS
 from data_prep.schema import TRAIN, UNLABELED, UNLABELED_LABEL, VAL, join, resolve
 
 HIDDEN_NAMES = frozenset({"__MACOSX"})  # macOS zip residue, alongside dot-files
+NOT_UTF8 = "name is not valid UTF-8 (its bytes shown as \\xNN); rename it to include it"
 
 
 class PrepError(ValueError):
@@ -41,10 +49,11 @@ class Scan:
     skipped: list[dict[str, str]] = field(default_factory=list)  # [{path, reason}]
     empty_classes: list[str] = field(default_factory=list)  # class folders without images
     csv_missing: list[str] = field(default_factory=list)  # csv rows naming no image file
+    quarantined: list[dict[str, str]] = field(default_factory=list)  # [{path, reason}]: cannot be read by name
 
     @property
     def scanned(self) -> int:
-        return len(self.files) + len(self.skipped)
+        return len(self.files) + len(self.skipped) + len(self.quarantined)
 
 
 def normalize_uri(uri: str) -> str:
@@ -69,27 +78,35 @@ def scan(
     if info.type != pafs.FileType.Directory:
         raise NotADirectoryError(f"input {input} is not a folder")
 
-    listing = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    prefix = base.rstrip("/") + "/"
-    paths = sorted(i.path[len(prefix):] for i in listing if i.type == pafs.FileType.File)
-    top_dirs = sorted(
-        i.path[len(prefix):]
-        for i in listing
-        if i.type == pafs.FileType.Directory and "/" not in i.path[len(prefix):]
-    )
+    if fs.type_name == "local":
+        paths, top_dirs, skipped = _list_local(base)
+    else:  # object stores have no symlinks, and their keys are UTF-8
+        listing = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        prefix = base.rstrip("/") + "/"
+        paths = [i.path[len(prefix):] for i in listing if i.type == pafs.FileType.File]
+        top_dirs = [
+            i.path[len(prefix):]
+            for i in listing
+            if i.type == pafs.FileType.Directory and "/" not in i.path[len(prefix):]
+        ]
+        skipped = []
 
-    skipped: list[dict[str, str]] = []
+    quarantined: list[dict[str, str]] = []
     images: list[str] = []
-    for path in paths:
-        reason = _skip_reason(path)
+    for path in sorted(paths):
+        shown = readable_name(path)
+        reason = _skip_reason(shown)
         if reason:
-            skipped.append({"path": path, "reason": reason})
+            skipped.append({"path": shown, "reason": reason})
+        elif shown != path:
+            quarantined.append({"path": shown, "reason": NOT_UTF8})
         else:
             images.append(path)
+    top_dirs = sorted(readable_name(d) for d in top_dirs)
 
     if unlabeled:
         files = [SourceFile(p, UNLABELED_LABEL, UNLABELED) for p in images]
-        result = Scan(root, [], files, skipped)
+        result = Scan(root, [], files, skipped, quarantined=quarantined)
         _check_found(result, input, labels="unlabeled")
         return result
 
@@ -99,9 +116,78 @@ def scan(
     splits = assign_splits(named, val_fraction=val_fraction, seed=seed)
     files = [SourceFile(p, index[named[p]], splits[p]) for p in sorted(named)]
     empty = [d for d in top_dirs if d not in index and not _hidden(d)] if labels == "folder" else []
-    result = Scan(root, classes, files, skipped, empty, csv_missing)
+    result = Scan(root, classes, files, skipped, empty, csv_missing, quarantined)
     _check_found(result, input, labels=labels)
     return result
+
+
+def readable_name(path: str) -> str:
+    """`path` as valid UTF-8 text: bytes that are not UTF-8 shown as \\xNN escapes.
+
+    Python gives such bytes as surrogates (os.fsdecode's surrogateescape); they cannot be
+    written to Parquet, JSON or CSV as they are. Valid names come back unchanged.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _list_local(root: str) -> tuple[list[str], list[str], list[dict[str, str]]]:
+    """(files, top-level folders, skipped entries) under a local folder, never leaving it.
+
+    Depth first in name order. A symlink is followed only when its real path lies inside
+    the real INPUT; each real folder is listed once (the set of real folders visited), so
+    a loop, or a second way into a folder already listed, is one skipped entry. Entries
+    that are neither files nor folders (a named pipe would block a reader forever) are
+    skipped too. Paths are relative, with forward slashes, as the OS spells them.
+    """
+    real_root = os.path.realpath(root)
+    visited = {real_root}
+    files: list[str] = []
+    top: list[str] = []
+    skipped: list[dict[str, str]] = []
+
+    def skip(rel: str, reason: str) -> None:
+        skipped.append({"path": readable_name(rel), "reason": reason})
+
+    stack: list[tuple[str, str, tuple[str, ...]]] = [("", root, (real_root,))]  # (prefix, folder, real ancestors)
+    while stack:
+        prefix, folder, ancestors = stack.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            if not prefix:
+                raise  # INPUT itself cannot be listed: the user's error, one line
+            skip(prefix.rstrip("/"), f"unreadable folder ({exc.strerror})")
+            continue
+        below: list[tuple[str, str, tuple[str, ...]]] = []
+        for entry in entries:
+            rel = prefix + entry.name
+            link = entry.is_symlink()
+            real = os.path.realpath(entry.path) if link else os.path.join(ancestors[-1], entry.name)
+            if link and not _inside(real, real_root):
+                skip(rel, "symlink to outside the input")
+            elif entry.is_dir():  # follows a link (which stays inside INPUT, checked above)
+                if real in ancestors:
+                    skip(rel, "symlink loop")
+                elif real in visited:
+                    skip(rel, "symlink to a folder listed already" if link else "folder listed already through a symlink")
+                else:
+                    visited.add(real)
+                    below.append((rel + "/", entry.path, (*ancestors, real)))
+                    if not prefix:
+                        top.append(rel)
+            elif entry.is_file():
+                files.append(rel)
+            elif link:
+                skip(rel, "broken symlink")
+            else:
+                skip(rel, "not a regular file")
+        stack.extend(reversed(below))
+    return files, top, skipped
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _hidden(path: str) -> bool:
@@ -227,6 +313,8 @@ def _check_found(result: Scan, input: str, *, labels: str) -> None:
     """An input with no images, or with fewer than two classes, is an error saying why."""
     reasons = Counter(s["reason"] for s in result.skipped)
     found = f"{result.scanned} files, {len(result.files)} labelled images"
+    if result.quarantined:
+        found += f", {len(result.quarantined)} with names that are not UTF-8"
     if reasons:
         found += "; skipped: " + ", ".join(f"{n} {r}" for r, n in reasons.most_common(4))
     if not result.files:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import struct
 import zlib
@@ -551,6 +552,81 @@ def test_json_and_csv_outputs_are_replaced_whole(tmp_path: Path) -> None:
     assert json.loads(target.read_text()) == {"version": 2}
     assert target.stat().st_ino != inode  # renamed into place, not rewritten in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]  # no temporary left
+
+
+# --- inputs from a hostile file system ------------------------------------------------------
+
+
+def test_symlinks_leaving_the_input_are_skipped_and_loops_listed_once(image_folder, ray_local, tmp_path: Path) -> None:
+    root, specs = image_folder(classes=("x", "y"), per_class=4)
+    outside, _ = image_folder(classes=("z",), per_class=30)
+    (root / "z").symlink_to(outside / "z")  # a class from outside INPUT
+    (root / "x" / "etc").symlink_to(outside)  # like a link to /etc
+    (root / "y" / "stolen.png").symlink_to(next((outside / "z").iterdir()))
+    (root / "y" / "up").symlink_to("..")  # loops
+    (root / "y" / "self").symlink_to(".")
+    (root / "x" / "alias.jpg").symlink_to("img_0000.jpg")  # inside INPUT: followed
+    (root / "x" / "again").symlink_to("../y")  # a folder listed at its own path already
+    out = tmp_path / "out"
+    assert prep(root, out) == 0
+
+    manifest, rep = read_manifest(str(out)), report(out)
+    assert manifest["classes"] == ["x", "y"]
+    written = sorted(r["path"] for r in rows(out, "train") + rows(out, "val"))
+    assert written == sorted([s.path.relative_to(root).as_posix() for s in specs] + ["x/alias.jpg"])
+    skipped = {s["path"]: s["reason"] for s in rep["skipped"]}
+    assert skipped == {
+        "z": "symlink to outside the input",
+        "x/etc": "symlink to outside the input",
+        "y/stolen.png": "symlink to outside the input",
+        "y/up": "symlink loop",
+        "y/self": "symlink loop",
+        "x/again": "symlink to a folder listed already",
+    }
+    n = rep["counts"]
+    assert n["scanned"] == n["written"] + n["skipped"] + n["quarantined"] == len(specs) + 1 + 6
+    assert [d["files"] for d in rep["duplicates"]] == [[{"path": "x/alias.jpg", "label": "x"}, {"path": "x/img_0000.jpg", "label": "x"}]]
+
+
+@pytest.mark.timeout(60)
+def test_two_link_loops_in_one_folder_are_listed_in_finite_time(tmp_path: Path) -> None:
+    for name in ("a/1.jpg", "a/2.jpg", "b/3.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).touch()
+    (tmp_path / "a" / "loop1").symlink_to("..")
+    (tmp_path / "a" / "loop2").symlink_to("../a")
+    (tmp_path / "b" / "fifo.jpg").unlink(missing_ok=True)
+    os.mkfifo(tmp_path / "b" / "fifo.jpg")  # opening it would block forever
+    found = scan(str(tmp_path))
+    assert sorted(f.path for f in found.files) == ["a/1.jpg", "a/2.jpg", "b/3.jpg"]
+    assert {s["path"]: s["reason"] for s in found.skipped} == {
+        "a/loop1": "symlink loop", "a/loop2": "symlink loop", "b/fifo.jpg": "not a regular file",
+    }  # fmt: skip
+
+
+def test_a_name_that_is_not_utf8_is_quarantined_with_a_reason_not_a_crash(image_folder, ray_local, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from workflows.cli import cli
+
+    root, specs = image_folder(classes=("x", "y"), per_class=4)
+    good = (root / "x" / "img_0000.jpg").read_bytes()
+    os.makedirs(os.fsencode(root / "y") + b"/caf\xe9 latin-1", exist_ok=True)
+    for name in (b"/x/bad\xff.jpg", b"/y/caf\xe9 latin-1/ok.jpg"):
+        with open(os.fsencode(root) + name, "wb") as f:
+            f.write(good)
+    result = CliRunner().invoke(cli, ["prep", str(root), str(tmp_path / "out"), "--image-size", "16"])
+    assert result.exit_code == 0, result.output
+    rep = report(tmp_path / "out")
+    quarantined = {q["path"]: q["reason"] for q in rep["quarantined"]}
+    assert set(quarantined) == {"x/bad\\xff.jpg", "y/caf\\xe9 latin-1/ok.jpg"}
+    assert all("not valid UTF-8" in r for r in quarantined.values())
+    with open(tmp_path / "out" / "quarantine.csv", newline="", encoding="utf-8") as f:
+        assert list(csv.DictReader(f)) == rep["quarantined"]
+    n = rep["counts"]
+    assert (n["written"], n["quarantined"]) == (len(specs), 2)
+    assert n["scanned"] == n["written"] + n["skipped"] + n["quarantined"]
+    assert "x/bad\\xff.jpg" in result.output
 
 
 # --- decode_image, the function predict shares ------------------------------------------

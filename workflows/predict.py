@@ -19,7 +19,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -126,19 +126,48 @@ def load_job(config: PredictConfig, output: Output | None = None) -> Job:
 
 def score(config: PredictConfig, job: Job, console: Console, counts: Counter[str | None]) -> None:
     """Run the pipeline over `job.todo`, writing part files and counting labels as rows come."""
-    dataset, plan = build_dataset(config, job.inputs, job.todo, job.classifier, scored=job.done.column("path"))
-    console.print(
-        f"  {plan.replicas} model replica(s) x {plan.torch_threads} thread(s)"
-        f"{' on GPU' if config.gpu else ''}, {plan.actor_cpus:g} CPU each in Ray's accounting"
-    )
+    todo = job.todo
     try:
-        with _Progress(console, len(job.todo)) as advance:
+        if job.inputs.unreadable:  # files that cannot even be opened by name: error rows, no pipeline
+            named = pa.array(list(job.inputs.unreadable), pa.string())
+            bad = todo.filter(pc.is_in(todo, value_set=named))
+            todo = todo.filter(pc.invert(pc.is_in(todo, value_set=named)))
+            if len(bad):
+                rows = error_rows(bad, [job.inputs.unreadable[p] for p in bad.to_pylist()], job.model_uri)
+                job.output.add(rows)
+                counts.update(_tally(rows))
+        if not len(todo):
+            return
+        dataset, plan = build_dataset(config, job.inputs, todo, job.classifier, scored=job.done.column("path"))
+        console.print(
+            f"  {plan.replicas} model replica(s) x {plan.torch_threads} thread(s)"
+            f"{' on GPU' if config.gpu else ''}, {plan.actor_cpus:g} CPU each in Ray's accounting"
+        )
+        with _Progress(console, len(todo)) as advance:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 job.output.add(batch)
                 counts.update(_tally(batch))
                 advance(batch.num_rows)
     finally:  # rows scored before an interruption are kept: a rerun resumes after them
         job.output.close()
+
+
+def error_rows(paths: pa.Array, errors: list[str], model_uri: str) -> pa.Table:
+    """Output rows for files that could not be scored: label, score and probabilities null."""
+    from workflows.predict_pipeline import OUTPUT_SCHEMA
+
+    n = len(paths)
+    return pa.table(
+        {
+            "path": paths,
+            "label": pa.nulls(n, pa.string()),
+            "score": pa.nulls(n, pa.float32()),
+            "probabilities": pa.nulls(n, pa.list_(pa.float32())),
+            "model_uri": pa.array([model_uri] * n, pa.string()),
+            "error": pa.array(errors, pa.string()),
+        },
+        schema=OUTPUT_SCHEMA,
+    )
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -152,6 +181,7 @@ class Inputs:
     paths: pa.Array  # every input, relative to INPUT (string)
     skipped: dict[str, int]  # files that are not images, by reason
     shard_files: list[str]  # prep output only
+    unreadable: dict[str, str] = field(default_factory=dict)  # path as shown -> why it cannot be opened
 
 
 def find_inputs(uri: str, preprocessing: dict[str, Any]) -> Inputs:
@@ -169,8 +199,11 @@ def find_inputs(uri: str, preprocessing: dict[str, Any]) -> Inputs:
         found = scan(uri, unlabeled=True)
     except PrepError as exc:
         raise CnnflowError(str(exc)) from None
-    paths = pa.array([f.path for f in found.files], pa.string())
-    return Inputs("image folder", fs, root, paths, dict(Counter(s["reason"] for s in found.skipped)), [])
+    # Names that are not UTF-8 are listed under a readable form: one error row each.
+    unreadable = {q["path"]: q["reason"] for q in found.quarantined}
+    paths = pa.array([f.path for f in found.files] + list(unreadable), pa.string())
+    skipped = dict(Counter(s["reason"] for s in found.skipped))
+    return Inputs("image folder", fs, root, paths, skipped, [], unreadable)
 
 
 def _prep_output(uri: str, fs: pafs.FileSystem, root: str, preprocessing: dict[str, Any]) -> Inputs:
