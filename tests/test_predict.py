@@ -192,6 +192,43 @@ def test_output_that_overlaps_the_input_or_holds_other_files_is_refused_before_a
         predict(root, tmp_path / "a-file")
 
 
+def test_links_leaving_the_input_bad_names_and_markup_in_names(ray_local, registry, tmp_path, capfd):
+    import os
+
+    root = tmp_path / "in[" / "]put [bold]"  # the path itself reads as markup: in[/]put [bold]
+    specs = make_image_folder(root, classes=CLASSES, per_class=3, size=40, layout="unlabeled", seed=4)
+    truth = {str(s.path.relative_to(root)) for s in specs}
+    outside = tmp_path / "outside"
+    make_image_folder(outside, classes=CLASSES, per_class=5, size=40, seed=5)
+    (root / "elsewhere").symlink_to(outside)  # its 15 images are not INPUT's
+    (root / "part0" / "loop").symlink_to("..")
+    with open(os.fsencode(root) + b"/bad\xff.jpg", "wb") as f:  # not UTF-8: an error row, not a crash
+        f.write(specs[0].path.read_bytes())
+    (root / "x[").mkdir()
+    (root / "x[" / "]evil.jpg").write_bytes(b"broken")  # x[/]evil.jpg: once crashed the closing screen
+    out = tmp_path / "preds"
+    assert predict(root, out) == 0
+
+    rows = read_output(out).set_index("path")
+    assert sorted(rows.index) == sorted([*truth, "bad\\xff.jpg", "x[/]evil.jpg"])
+    assert "UTF-8" in rows.loc["bad\\xff.jpg", "error"] and pd.isna(rows.loc["bad\\xff.jpg", "label"])
+    assert rows.loc["x[/]evil.jpg", "error"] and rows.loc[sorted(truth), "error"].isna().all()
+    assert (rows["model_uri"] == registry.uri).all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_files"] == {"symlink to outside the input": 1, "symlink loop": 1}
+    assert (summary["rows"], summary["errors"]) == (len(truth) + 2, 2)
+    err = capfd.readouterr().err
+    assert "in[/]put [bold]" in err and "x[/]evil.jpg" in err and "bad\\xff.jpg" in err
+
+    marker = json.loads((out / ".cnnflow-output.json").read_text())
+    assert marker["written_by"] == "cnnflow predict" and len(marker["runs"]) == 1
+    (out / "notes.txt").write_text("mine")  # a file of the user's: the next run touches nothing
+    kept = sorted(p.name for p in out.iterdir())
+    with pytest.raises(CnnflowError, match=r"did not write \(notes.txt\)"):
+        predict(root, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == kept
+
+
 def test_prep_output_is_scored_from_its_shards(ray_local, registry, tmp_path):
     out = tmp_path / "preds"
     assert predict(registry.prepared, out) == 0

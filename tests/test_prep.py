@@ -629,6 +629,24 @@ def test_a_name_that_is_not_utf8_is_quarantined_with_a_reason_not_a_crash(image_
     assert "x/bad\\xff.jpg" in result.output
 
 
+def test_names_reach_the_terminal_as_text_not_markup(ray_local, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from tests.images import make_image_folder
+    from workflows.cli import cli
+
+    root = tmp_path / "in"
+    make_image_folder(root, classes=("[cat]", "[bold]dog"), per_class=4)
+    (root / "[bold]dog" / "sub[").mkdir()
+    (root / "[bold]dog" / "sub[" / "]evil.jpg").write_bytes(b"not an image")  # path: [bold]dog/sub[/]evil.jpg
+    (root / "[cat]" / "\x1b[31mred.jpg").write_bytes(b"not an image")  # an escape sequence in a name
+    result = CliRunner().invoke(cli, ["prep", str(root), str(tmp_path / "out"), "--image-size", "16"])
+    assert result.exit_code == 0, result.output
+    assert "[cat]" in result.output and "[bold]dog" in result.output
+    assert "[bold]dog/sub[/]evil.jpg" in result.output
+    assert "\x1b" not in result.output and "\\x1b[31mred.jpg" in result.output
+
+
 # --- decode_image, the function predict shares ------------------------------------------
 
 

@@ -36,6 +36,7 @@ from data_prep import safety, schema
 from data_prep.scan import PrepError, normalize_uri, scan
 from workflows.config import PredictConfig
 from workflows.errors import CnnflowError
+from workflows.terminal import plain, text
 
 SUMMARY = "summary.json"
 PART_PREFIX = "part-"
@@ -72,8 +73,9 @@ def run(config: PredictConfig) -> int:
         with ray_session(config, dashboard=False):
             job = loading.result()
             console.print(
-                f"predict: {len(job.inputs.paths):,} images in {config.input} ({job.inputs.kind}), "
-                f"{len(job.done):,} already scored in {config.output}, {len(job.todo):,} to score with {job.model_uri}"
+                f"predict: {len(job.inputs.paths):,} images in {plain(config.input)} ({job.inputs.kind}), "
+                f"{len(job.done):,} already scored in {plain(config.output)}, {len(job.todo):,} to score "
+                f"with {plain(job.model_uri)}"
             )
             if len(job.todo):
                 score(config, job, console, counts)
@@ -179,7 +181,7 @@ class Inputs:
     filesystem: pafs.FileSystem
     root: str  # INPUT's path in `filesystem`
     paths: pa.Array  # every input, relative to INPUT (string)
-    skipped: dict[str, int]  # files that are not images, by reason
+    skipped: dict[str, int]  # files and links left out (not images, outside INPUT, loops), by reason
     shard_files: list[str]  # prep output only
     unreadable: dict[str, str] = field(default_factory=dict)  # path as shown -> why it cannot be opened
 
@@ -505,11 +507,11 @@ class _Progress:
 
 
 def _closing_screen(console: Console, summary: dict, output: str) -> None:
-    table = Table(title=f"predictions by {summary['model_uri']}", show_header=True)
+    table = Table(title=text(f"predictions by {summary['model_uri']}"), show_header=True)
     table.add_column("label")
     table.add_column("rows", justify="right")
-    for label, n in summary["counts"].items():
-        table.add_row(label, f"{n:,}")
+    for label, n in summary["counts"].items():  # class names came from folder names: text, not markup
+        table.add_row(text(label), f"{n:,}")
     table.add_row("[red]errors[/red]", f"{summary['errors']:,}")
     table.add_row("[bold]total[/bold]", f"{summary['rows']:,}")
     console.print(table)
@@ -520,11 +522,11 @@ def _closing_screen(console: Console, summary: dict, output: str) -> None:
         + (f"; {run['already_scored']:,} already scored before" if run["already_scored"] else "")
     )
     for example in summary["error_examples"][:3]:
-        console.print(f"  [red]error[/red] {example['path']}: {example['error']}")
+        console.print(f"  [red]error[/red] {plain(example['path'])}: {plain(example['error'])}")
     skipped = sum(summary["skipped_files"].values())
     if skipped:
-        console.print(f"skipped {skipped:,} files that are not images: {summary['skipped_files']}")
-    console.print(f"output: {output} ({summary['files']} {summary['format']} files, {SUMMARY})")
+        console.print(f"skipped {skipped:,} files or links, by reason: {plain(summary['skipped_files'])}")
+    console.print(f"output: {plain(output)} ({summary['files']} {summary['format']} files, {SUMMARY})")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from rich.text import Text
 from workflows.config import PrepConfig, to_dict
 from workflows.errors import CnnflowError
 from workflows.ray_runtime import ray_session
+from workflows.terminal import plain, text
 
 
 def run(config: PrepConfig) -> int:
@@ -34,7 +35,6 @@ def run(config: PrepConfig) -> int:
         check_paths(config.input, config.output)
     except PrepError as exc:
         raise CnnflowError(str(exc)) from None
-
     console = Console(stderr=True)
     with ray_session(config, dashboard=False, ray_data=False), _progress(console) as progress:
         task = progress.add_task("scanning", total=None)
@@ -82,7 +82,10 @@ class _RateColumn(ProgressColumn):
 
 
 def print_summary(console: Console, manifest: dict[str, Any], report: dict[str, Any]) -> None:
-    """Counts per class and split, what was left out and why, and where the output is."""
+    """Counts per class and split, what was left out and why, and where the output is.
+
+    Class names, paths and reasons come from the file system: shown as text, never markup.
+    """
     counts, n = manifest["counts"], report["counts"]
     table = Table(title="cnnflow prep", title_justify="left")
     if manifest["labeled"]:
@@ -90,7 +93,7 @@ def print_summary(console: Console, manifest: dict[str, Any], report: dict[str, 
         table.add_column("train", justify="right")
         table.add_column("val", justify="right")
         for name in manifest["classes"]:
-            table.add_row(name, str(counts["train"][name]), str(counts["val"][name]))
+            table.add_row(text(name), str(counts["train"][name]), str(counts["val"][name]))
         rows = manifest["num_rows"]
         table.add_row("[bold]total", f"[bold]{rows['train']}", f"[bold]{rows['val']}")
     else:
@@ -108,12 +111,12 @@ def print_summary(console: Console, manifest: dict[str, Any], report: dict[str, 
         f"({report['duplicate_conflicts']} under two classes)"
     )
     for row in report["quarantined"][:5]:
-        console.print(f"  [red]quarantined[/] {row['path']}: {row['reason']}")
+        console.print(f"  [red]quarantined[/] {plain(row['path'])}: {plain(row['reason'])}")
     if len(report["quarantined"]) > 5:
         console.print(f"  ... and {len(report['quarantined']) - 5} more in quarantine.csv")
     for note in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {note}")
-    console.print(f"output: {report['output']}  (manifest.json, report.json, quarantine.csv)")
+        console.print(f"[yellow]warning:[/] {plain(note)}")
+    console.print(f"output: {plain(report['output'])}  (manifest.json, report.json, quarantine.csv)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""Text that came from outside (file names, class names, paths, reasons) shown as text.
+
+Rich reads `[...]` in a printed string as markup: a class folder named `[cat]` vanished
+from the summary and a path with `[/]` in it stopped the job after its outputs were
+written. Control characters in a name (an escape sequence could rewrite the terminal)
+and the surrogates Python uses for bytes that are not UTF-8 are shown as escapes.
+Use `plain` inside a markup string and `text` where rich takes a renderable (table cells).
+"""
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.text import Text
+
+
+def printable(value: object) -> str:
+    """`value` as a string with every character a terminal would act on written as an escape."""
+    return "".join(ch if ch.isprintable() else _escaped(ch) for ch in str(value))
+
+
+def _escaped(ch: str) -> str:
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (os.fsdecode's surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return ch.encode("unicode_escape").decode("ascii")
+
+
+def plain(value: object) -> str:
+    """For an f-string that rich will parse as markup: shown exactly as written."""
+    return escape(printable(value))
+
+
+def text(value: object, style: str = "") -> Text:
+    """For a table cell or title: a Text, which rich never parses as markup."""
+    return Text(printable(value), style=style)
