@@ -128,16 +128,9 @@ def training_run(*, experiment: str, run_name: str | None, params: Mapping[str, 
     mlflow.set_experiment(experiment)
     run = mlflow.start_run(run_name=run_name, tags=dict(tags))
     run_id = run.info.run_id
-    try:
+    with _ends_with_status(run_id):
         mlflow.log_params({k: "" if v is None else v for k, v in params.items()})
         yield run_id
-    except BaseException as exc:
-        status = RunStatus.to_string(RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED)
-        client().set_tag(run_id, FAILURE_TAG, f"{type(exc).__name__}: {exc}"[:4000])
-        mlflow.end_run(status)
-        raise
-    else:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
 def ensure_experiment(name: str, *, artifact_location: str | None = None) -> str:
