@@ -23,9 +23,9 @@ from PIL import Image
 from data_prep.schema import read_manifest
 from tests.images import label_from_pixels, pattern_pixels
 from workflows import prep, tracking
-from workflows.config import ConfigError, PrepConfig, TrainConfig
+from workflows.config import ConfigError, PrepConfig, TrainConfig, budget_epochs
 from workflows.errors import CnnflowError
-from workflows.train import budget_epochs, run
+from workflows.train import run
 from workflows.train_loop import PID_FILE_ENV
 
 CLASSES = ("horizontal", "vertical", "checker")

@@ -7,6 +7,7 @@ MLflow. Precedence: defaults < YAML < command line. Paths have no defaults.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -25,6 +26,18 @@ ResizeMode = Literal["squash", "crop", "pad"]
 OptimizerName = Literal["adamw", "sgd"]
 TestTimeAugmentation = Literal["none", "flip"]  # cnn.inference.TTA_MODES
 OutputFormat = Literal["parquet", "csv"]
+
+
+# The training budget when --epochs is not given: enough optimizer steps for a small set
+# to converge, no more passes than a large one needs (settled on bench/bench_quality.py).
+TARGET_STEPS = 1500
+MIN_EPOCHS, MAX_EPOCHS = 10, 30
+
+
+def budget_epochs(train_rows: int, global_batch: int) -> int:
+    """Epochs for about TARGET_STEPS optimizer steps, within [MIN_EPOCHS, MAX_EPOCHS]."""
+    steps_per_epoch = max(1, math.ceil(train_rows / global_batch))
+    return max(MIN_EPOCHS, min(MAX_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch)))
 
 
 class ConfigError(ValueError):
@@ -97,7 +110,9 @@ class TrainConfig(RayOptions):
     depth: int = option(4, "simple: number of conv-pool stages.")
     weights: str | None = option(None, "resnet18: a local torchvision state_dict to start from.")
     epochs: int | None = option(
-        None, "Passes over the training data (default: from the data's size, see workflows/train.py)."
+        None,
+        f"Passes over the training data (default: from the data's size, about {TARGET_STEPS:,} "
+        f"optimizer steps within {MIN_EPOCHS}-{MAX_EPOCHS} epochs).",
     )
     batch_size: int = option(64, "Images per step on each worker.")
     lr: float = option(4e-3, "Peak learning rate of torch's OneCycleLR, for the global batch.")

@@ -12,7 +12,6 @@ the model, registers a new version and, with --promote, moves `champion` if earn
 from __future__ import annotations
 
 import io
-import math
 import os
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -29,7 +28,7 @@ from cnn.models import ModelSpec, build_model, model_from_state
 from cnn.summary import summarize
 from data_prep.schema import TRAIN, VAL, join, pixels, read_manifest, resolve
 from workflows import __version__, tracking
-from workflows.config import TrainConfig, model_options, to_dict
+from workflows.config import TrainConfig, budget_epochs, model_options, to_dict
 from workflows.errors import CnnflowError
 from workflows.promote import Decision, Evaluation, evaluate, promote
 from workflows.pyfunc_model import preprocessing_from_manifest
@@ -41,17 +40,7 @@ from workflows.train_loop import CHECKPOINT_FILE, PID_FILE_ENV, LoopConfig, trai
 # what the tensor cores want.
 CPU_CHANNELS_LAST = True
 MATERIALIZE_FRACTION = 0.25  # of the object store: splits smaller than this are read once
-# The training budget when --epochs is not given: enough optimizer steps for a small set
-# to converge, no more passes than a large one needs (settled on bench/bench_quality.py).
-TARGET_STEPS = 1500
-MIN_EPOCHS, MAX_EPOCHS = 10, 30
 BEST_METRIC = "val_acc"  # the epoch whose weights get registered
-
-
-def budget_epochs(train_rows: int, global_batch: int) -> int:
-    """Epochs for about TARGET_STEPS optimizer steps, within [MIN_EPOCHS, MAX_EPOCHS]."""
-    steps_per_epoch = max(1, math.ceil(train_rows / global_batch))
-    return max(MIN_EPOCHS, min(MAX_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch)))
 
 
 @dataclass
