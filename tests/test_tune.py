@@ -49,6 +49,9 @@ def test_two_trials_make_a_parent_two_children_and_register_the_better(ray_local
     assert parent.data.params["epochs"] == "1" and parent.data.params["search.width"] == "choice 4, 8, 16"
     assert "search.lr" in parent.data.params and parent.data.params["trials"] == "2"
     assert {c.data.params["width"] for c in children} <= {"4", "8", "16"}
+    # The first trial is the given options themselves: the search starts from `train`'s run.
+    first = next(c for c in children if c.info.run_name == "trial-1")
+    assert (first.data.params["width"], float(first.data.params["lr"])) == ("8", 0.01)
 
     # The registered version is the child with the highest val_acc, and everything says so.
     version = tracking.client().get_model_version("stripes", "1")

@@ -121,6 +121,11 @@ def _describe(domain: Any) -> str:
     return f"log-uniform {domain.lower:.3g}..{domain.upper:.3g}"
 
 
+def starting_point(config: TuneConfig, p: Plan, space: dict[str, Any]) -> dict[str, Any]:
+    """The searched options at their given values: what `cnnflow train` alone would run."""
+    return {name: p.epochs if name == "epochs" else getattr(config, name) for name in space}
+
+
 def max_epochs(space: dict[str, Any], p: Plan) -> int:
     if "epochs" in space:
         return max(space["epochs"].categories)
@@ -326,8 +331,14 @@ def new_tuner(
                 reduction_factor=REDUCTION_FACTOR,
             ),
             # Random search, seeded; it also caps the trials at once (Tune ignores
-            # max_concurrent_trials next to a search algorithm of this kind).
-            search_alg=ray.tune.search.BasicVariantGenerator(max_concurrent=concurrency, random_state=config.seed),
+            # max_concurrent_trials next to a search algorithm of this kind). The first
+            # trial is the given options themselves, so the search can only improve on a
+            # plain `cnnflow train` with them (given the time to finish that trial).
+            search_alg=ray.tune.search.BasicVariantGenerator(
+                points_to_evaluate=[starting_point(config, base, space)],
+                max_concurrent=concurrency,
+                random_state=config.seed,
+            ),
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_dirname,
         ),
