@@ -133,6 +133,12 @@ def test_readme_demo_command_runs_the_whole_flow(tmp_path: Path) -> None:
     correct, total = map(int, accuracy.groups())
     assert total == 180 and correct / total > 0.8  # 10 classes: chance is 0.1
     assert "mlflow ui --backend-store-uri sqlite:///" in out
+    assert re.search(r"^epoch 1/\d+  train_loss", out, re.M), out  # printed by the driver
+    # The terminal is the user's: none of Ray's or MLflow's own lines (they need --verbose).
+    terminal = out + result.stderr
+    for noise in ("execution finished", "RayDeprecationWarning", "INFO mlflow",
+                  "Successfully registered", "Token authentication"):  # fmt: skip
+        assert noise not in terminal, terminal[-3000:]
 
     from mlflow.tracking import MlflowClient
 

@@ -18,6 +18,7 @@ from click.core import ParameterSource
 
 from workflows import config as cfg
 from workflows.errors import CnnflowError, NotBuiltYet
+from workflows.terminal import quiet_libraries
 
 # subcommand -> (config class, "module:function" that runs it)
 COMMANDS: dict[str, tuple[type, str]] = {
@@ -100,6 +101,7 @@ def _make_command(name: str, config_cls: type, target: str) -> click.Command:
         debug = ctx.find_root().params.get("debug", False)
         try:
             config = resolve_config(config_cls, ctx, values)
+            quiet_libraries(getattr(config, "verbose", False))
             result = _runner(target)(config)
         except NotBuiltYet as exc:
             click.echo(f"cnnflow {name}: not built yet ({exc})", err=True)

@@ -65,6 +65,11 @@ class RayOptions:
     num_cpus: int | None = option(
         None, "CPUs a new local Ray may use (default: all); ignored on a cluster."
     )
+    verbose: bool = option(
+        False,
+        "Also show Ray's and MLflow's own log lines (workers' output, warnings, INFO); "
+        "by default the terminal gets cnnflow's lines only and Ray's stay in its log folder.",
+    )
 
 
 @dataclass(kw_only=True)

@@ -38,11 +38,13 @@ def ray_session(options: RayOptions, *, dashboard: bool = True, ray_data: bool =
             address=address,
             num_cpus=None if address else options.num_cpus,
             include_dashboard=None if address or dashboard else False,
-            logging_level=logging.WARNING,
-            # Ray's libraries log every dataset execution and training report at INFO in
-            # every worker; the stages print their own progress, so only warnings pass.
-            logging_config=ray.LoggingConfig(log_level="WARNING"),
-            log_to_driver=True,
+            # The terminal is the user's: the stages print their own progress (train's epoch
+            # lines come from the driver, read back from MLflow), so workers' output and
+            # Ray's driver warnings (e.g. the token-authentication notice) stay in Ray's
+            # log folder (/tmp/ray/session_latest/logs) unless --verbose asks for them.
+            logging_level=logging.WARNING if options.verbose else logging.ERROR,
+            logging_config=ray.LoggingConfig(log_level="WARNING" if options.verbose else "ERROR"),
+            log_to_driver=options.verbose,
         )
     except ConnectionError as exc:
         where = address or "the address of the last `ray start` on this machine"

@@ -32,3 +32,21 @@ def plain(value: object) -> str:
 def text(value: object, style: str = "") -> Text:
     """For a table cell or title: a Text, which rich never parses as markup."""
     return Text(printable(value), style=style)
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Leave the terminal to cnnflow's lines: MLflow's INFO (database set-up, new
+    experiments, model checks) and alembic's migrations only with --verbose. Warnings and
+    errors still show. Ray's side is `ray_runtime.ray_session` (log_to_driver).
+
+    MLFLOW_LOGGING_LEVEL is MLflow's own setting (read when mlflow is first imported, also
+    by Ray workers that inherit this environment); the logger levels cover an mlflow that
+    is already imported. A value the user set wins.
+    """
+    import logging
+    import os
+
+    level = "INFO" if verbose else "WARNING"
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", level)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())

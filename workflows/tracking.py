@@ -8,6 +8,8 @@ not a Ray worker's) and passed to workers as a string.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -241,7 +243,10 @@ def log_model(
 
 def register_model(run_id: str, model_uri: str, *, register_as: str, version_tags: Mapping[str, Any]) -> ModelVersion:
     """A new version of `register_as` from a logged model; the run names the version."""
-    version = mlflow.register_model(model_uri, register_as, tags={k: str(v) for k, v in version_tags.items()})
+    # mlflow.register_model prints "Successfully registered model ..." to stderr itself;
+    # cnnflow's own line says which version was registered.
+    with contextlib.redirect_stderr(io.StringIO()):
+        version = mlflow.register_model(model_uri, register_as, tags={k: str(v) for k, v in version_tags.items()})
     set_tags(run_id, {REGISTERED_TAG: f"{register_as}/{version.version}"})
     return version
 

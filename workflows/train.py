@@ -11,6 +11,7 @@ the model, registers a new version and, with --promote, moves `champion` if earn
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from workflows.errors import CnnflowError
 from workflows.promote import Decision, Evaluation, evaluate, promote
 from workflows.pyfunc_model import preprocessing_from_manifest
 from workflows.ray_runtime import ray_session
+from workflows.train_progress import EpochLines
 from workflows.train_loop import CHECKPOINT_FILE, PID_FILE_ENV, LoopConfig, train_loop
 
 # channels_last on CPU: 1.5x faster for `simple` (32 and 128 px, one thread), equal for
@@ -176,9 +178,11 @@ class Trained:
     best_epoch: int
 
 
-def train_and_log(p: Plan, run_id: str, uri: str, scaling: Any, *, callbacks: Sequence[Any] = ()) -> Trained:
+def train_and_log(
+    p: Plan, run_id: str, uri: str, scaling: Any, *, callbacks: Sequence[Any] = (), epoch_lines: bool = True
+) -> Trained:
     """Fit, then evaluate, describe and log the best epoch's model into the run."""
-    state = fit(p, run_id, uri, scaling, callbacks=callbacks)
+    state = fit(p, run_id, uri, scaling, callbacks=callbacks, epoch_lines=epoch_lines)
     model, spec = model_from_state(state["model"])
     preprocessing = preprocessing_from_manifest(p.manifest, tta=p.tta)
     device = "cuda" if p.config.gpu and torch.cuda.is_available() else "cpu"
@@ -223,11 +227,15 @@ def example_image(p: Plan) -> bytes:
     return buf.getvalue()
 
 
-def fit(p: Plan, run_id: str, uri: str, scaling: Any, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+def fit(
+    p: Plan, run_id: str, uri: str, scaling: Any, *, callbacks: Sequence[Any] = (), epoch_lines: bool = True
+) -> dict[str, Any]:
     """Run the TorchTrainer; return the best epoch's checkpoint contents.
 
-    `callbacks` are Ray Train callbacks (a Tune trial passes Tune's report callback).
+    `callbacks` are Ray Train callbacks (a Tune trial passes Tune's report callback);
+    `epoch_lines` prints a line per epoch (a Tune trial has its table instead).
     """
+    from ray.data import DataContext, ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -259,8 +267,11 @@ def fit(p: Plan, run_id: str, uri: str, scaling: Any, *, callbacks: Sequence[Any
     storage = c.storage if c.storage is None or "://" in c.storage else os.path.abspath(c.storage)
     # Ray Train's ingest replaces each dataset's execution options with its own: keep
     # them, but with the row order preserved, so that one --seed means one data order.
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True
+    # (Built here rather than by DataConfig.default_ingest_options(), which copies the
+    # deprecated exclude_resources and so warns on every run.)
+    ingest = ExecutionOptions(
+        resource_limits=DataContext.get_current().execution_options.resource_limits, preserve_order=True
+    )
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop.to_dict(),
@@ -283,7 +294,8 @@ def fit(p: Plan, run_id: str, uri: str, scaling: Any, *, callbacks: Sequence[Any
     from ray.train import TrainingFailedError
 
     try:
-        result = trainer.fit()
+        with EpochLines(uri, run_id, p.epochs, click.echo) if epoch_lines else contextlib.nullcontext():
+            result = trainer.fit()
     except TrainingFailedError as exc:
         raise TrainingFailed(
             f"training failed after {c.max_failures} retries (MLflow run {run_id} is FAILED): {_first_line(exc)}"

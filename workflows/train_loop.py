@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -176,7 +175,6 @@ def train_loop(config_dict: dict[str, Any]) -> None:
             if state["epoch"] not in tracking.logged_epochs(cfg.tracking_uri, cfg.run_id, "val_acc"):
                 tracking.log_epoch(cfg.tracking_uri, cfg.run_id, state["epoch"], state["metrics"])
             tracking.set_tags(cfg.run_id, {"resumed_from_epoch": state["epoch"]}, uri=cfg.tracking_uri)
-        sys.stdout.write(f"resuming from the checkpoint of epoch {state['epoch']}\n")
 
     collate = ShardBatch(spec.image_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu)
@@ -256,15 +254,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
             # Log only once the controller has committed this checkpoint (report returns
             # before that): from then on a restart resumes at epoch + 1, never repeats it.
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-            tracking.log_epoch(cfg.tracking_uri, cfg.run_id, epoch, metrics)
-            # sys.stdout, not print: Ray Train reroutes print to its logger, which doubles lines.
-            sys.stdout.write(
-                f"epoch {epoch}/{cfg.epochs}  train_loss {metrics['train_loss']:.4f}  "
-                f"train_acc {metrics['train_acc']:.3f}  val_loss {metrics['val_loss']:.4f}  "
-                f"val_acc {metrics['val_acc']:.3f}  {metrics['images_per_s']:.0f} images/s  "
-                f"{metrics['epoch_time_s']:.1f}s\n"
-            )
-            sys.stdout.flush()
+            tracking.log_epoch(cfg.tracking_uri, cfg.run_id, epoch, metrics)  # the driver prints it from there
 
 
 @torch.inference_mode()

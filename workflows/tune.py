@@ -192,7 +192,9 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], parent_run_id: st
         params=resolved_options(p),
         tags={**run_tags(p), "trial": name},
     ) as run_id:
-        trained = train_and_log(p, run_id, uri, scaling_for(config), callbacks=[TuneReportCallback()])
+        trained = train_and_log(
+            p, run_id, uri, scaling_for(config), callbacks=[TuneReportCallback()], epoch_lines=False
+        )
     ray.tune.report(
         {
             BEST_METRIC: trained.evaluation.accuracy,
