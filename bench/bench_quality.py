@@ -2,6 +2,7 @@
 
     python bench/bench_quality.py [--sets photo,shapes10,icons,digits] [--scale 1.0]
         [--workdir DIR] [--skip-tune] [--trials N] [--time-budget S] [--repeat K]
+    python bench/bench_quality.py --sets photo,shapes10 --vary lr=2e-3,4e-3,8e-3
 
 Issue #11: are cnnflow's defaults good? On four generated sets that differ the way real
 data differs (bench/quality_data.py: small animals in cluttered JPEG photos, 10 classes of
@@ -25,6 +26,10 @@ this process. `--repeat K` trains defaults and plain K times with seeds 0..K-1 (
 train --seed for K > 0) and shows mean ± standard deviation. The results also go to
 WORKDIR/results.json, and everything cnnflow prints to WORKDIR/bench-quality.log. Not run
 in CI: at scale 1 it takes many minutes of CPU; `--scale 0.1 --skip-tune` is a smoke test.
+
+`--vary OPTION=V1,V2,...` is how a default is settled: it trains the defaults column once
+per value (`cnnflow train ... --OPTION V`; the value `default` passes no flag), skips plain
+and tune, and prints held-out accuracy per value and set (WORKDIR/sweep-OPTION.json).
 """
 from __future__ import annotations
 
@@ -218,6 +223,51 @@ def bench_set(name: str, args: argparse.Namespace, run: Runner, help_text: str |
     return result
 
 
+def sweep_set(name: str, option: str, values: list[str], args: argparse.Namespace, run: Runner) -> dict:
+    """Held-out accuracy of the defaults with `--OPTION V` for each value, on one set."""
+    folder = quality_data.make_set(name, args.workdir / "data", scale=args.scale)
+    heldout_dir = folder / "heldout"
+    n_heldout = sum(1 for p in heldout_dir.rglob("*") if p.is_file())
+    shards = args.workdir / name / "shards"
+    if not (shards / "manifest.json").exists():
+        rc, _, _ = run("prep", str(folder / "train"), str(shards), "--image-size", str(IMAGE_SIZE[name]))
+        if rc != 0:
+            return {"set": name, "error": f"prep exited {rc}"}
+    rows = {}
+    for value in values:
+        tag = f"bench-{name}-{option}-{value}".replace(".", "_")
+        command = ["train", str(shards), "--register-as", tag, "--experiment", f"{EXPERIMENT}-sweep"]
+        command += [] if value == "default" else [f"--{option.replace('_', '-')}", value]
+        rows[value] = r = train_and_predict(run, name, heldout_dir, n_heldout, args.workdir / name, command, tag,
+                                            f"pred-{option}-{value}")  # fmt: skip
+        print(f"[{name}] --{option} {value}: " + (f"held-out {r['accuracy']:.4f}, train {r['train_seconds']:.1f} s"
+              if "accuracy" in r else f"{r['error']}, see {run.log}"))  # fmt: skip
+    return {"set": name, "values": rows}
+
+
+def print_sweep(option: str, values: list[str], results: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Held-out accuracy of the defaults by --{option} (train seconds)")
+    table.add_column(option)
+    for r in results:
+        table.add_column(r["set"], justify="right")
+    table.add_column("mean", justify="right")
+    for value in values:
+        cells, accs = [], []
+        for r in results:
+            entry = r.get("values", {}).get(value, {})
+            if "accuracy" in entry:
+                accs.append(entry["accuracy"])
+                cells.append(f"{entry['accuracy']:.3f} ({entry['train_seconds']:.0f})")
+            else:
+                cells.append(entry.get("error", r.get("error", "failed")))
+        mean = f"{statistics.fmean(accs):.3f}" if len(accs) == len(results) else "-"
+        table.add_row(value, *cells, mean)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
 # --- the table ---------------------------------------------------------------------------
 
 
@@ -289,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trials", type=int, default=None, help="cnnflow tune --trials (default: tune's)")
     parser.add_argument("--time-budget", type=float, default=None, help="cnnflow tune --time-budget, seconds (default: tune's)")
     parser.add_argument("--repeat", type=int, default=1, help="train defaults and plain with seeds 0..K-1")
+    parser.add_argument("--vary", metavar="OPTION=V1,V2", help="sweep one train option; skips plain and tune")
     args = parser.parse_args(argv)
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [s for s in sets if s not in quality_data.SETS]
@@ -301,6 +352,17 @@ def main(argv: list[str] | None = None) -> None:
 
     run = Runner(args.workdir)
     print(f"workdir {args.workdir}; cnnflow output goes to {run.log}")
+    if args.vary:
+        option, _, values = args.vary.partition("=")
+        values = [v.strip() for v in values.split(",") if v.strip()]
+        if not option or not values:
+            parser.error("--vary takes OPTION=V1,V2,...")
+        results = [sweep_set(name, option, values, args, run) for name in sets]
+        print_sweep(option, values, results)
+        out = args.workdir / f"sweep-{option}.json"
+        out.write_text(json.dumps({"argv": sys.argv[1:], "sets": results}, indent=2, default=str) + "\n")
+        print(f"results: {out}")
+        return
     help_text = None if args.skip_tune else tune_help(run)
     if not args.skip_tune and help_text is None:
         print("tune: not available (`cnnflow tune --help` failed); its column stays empty")
