@@ -67,8 +67,9 @@ class RayOptions:
     )
     verbose: bool = option(
         False,
-        "Also show Ray's and MLflow's own log lines (workers' output, warnings, INFO); "
-        "by default the terminal gets cnnflow's lines only and Ray's stay in its log folder.",
+        "Also show Ray's and MLflow's own log lines (workers' output, warnings, INFO). "
+        "By default the terminal gets cnnflow's lines only; Ray's stay in its log folder "
+        "and what its core writes to the terminal goes to $TMPDIR/cnnflow-logs/.",
     )
 
 

@@ -10,8 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import contextlib
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from workflows.config import RayOptions
 from workflows.errors import CnnflowError
@@ -33,6 +39,13 @@ def ray_session(options: RayOptions, *, dashboard: bool = True, ray_data: bool =
     address = options.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         check_listening(address)
+    with contextlib.ExitStack() as stack:
+        if not options.verbose:
+            stack.enter_context(native_stderr_to(ray_log_file()))
+        yield from _connected(ray, options, address, dashboard=dashboard, ray_data=ray_data)
+
+
+def _connected(ray: Any, options: RayOptions, address: str | None, *, dashboard: bool, ray_data: bool) -> Iterator[None]:
     try:
         ray.init(
             address=address,
@@ -59,6 +72,42 @@ def ray_session(options: RayOptions, *, dashboard: bool = True, ray_data: bool =
     finally:
         _stop_autoscaler_monitor()
         ray.shutdown()
+
+
+def ray_log_file() -> Path:
+    """Where the lines Ray's C++ core writes to the terminal go instead (see --verbose)."""
+    folder = Path(tempfile.gettempdir()) / "cnnflow-logs"
+    folder.mkdir(exist_ok=True)
+    return folder / f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+@contextmanager
+def native_stderr_to(path: Path) -> Iterator[None]:
+    """Send file descriptor 2 to `path` while Python's `sys.stderr` keeps the terminal.
+
+    Ray's C++ core logs straight to fd 2, past Python's logging and `log_to_driver`
+    (e.g. core_worker.cc's notice about every actor whose constructor arguments sit in
+    the object store, which Ray Data's actor pools always trigger); so do the processes
+    a new local Ray starts, which inherit fd 2. Python's own writes (cnnflow's errors,
+    tracebacks with --debug, warnings) still reach the terminal.
+    """
+    sys.stderr.flush()
+    terminal_fd = os.dup(2)
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    python_stderr = sys.stderr
+    sys.stderr = open(terminal_fd, "w", buffering=1, encoding=python_stderr.encoding,
+                      errors=python_stderr.errors, closefd=False)  # fmt: skip
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = python_stderr
+        os.dup2(terminal_fd, 2)
+        os.close(terminal_fd)
+        if path.stat().st_size == 0:  # ours, and nothing in it
+            path.unlink()
 
 
 def _stop_autoscaler_monitor() -> None:
