@@ -1,6 +1,6 @@
 """Pure PyTorch: model definitions, a name -> builder registry, summary, batch transforms.
 
-No Ray, no MLflow, no file I/O here (DESIGN.md, layout rules).
+No Ray, no MLflow, no file I/O here (docs/architecture.md, import rules).
 """
 from cnn.models import MODELS, ModelSpec, build_model, model_from_state, model_state
 from cnn.summary import LayerRow, summarize

@@ -1,6 +1,6 @@
 """The on-disk contract between prep, train and predict: shard schema and manifest.
 
-Shard format version 1 (DESIGN.md): one row per image, raw RGB uint8 pixels of
+Shard format version 1 (docs/architecture.md, Formats): one row per image, raw RGB uint8 pixels of
 image_size x image_size x 3, row-major, in the `image` column.
 """
 from __future__ import annotations

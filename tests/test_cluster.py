@@ -279,10 +279,6 @@ def test_training_survives_losing_the_worker_node(
     assert "resumed_from_epoch" in run.data.tags, logs[-4000:]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert set(steps) == set(range(1, epochs + 1)), steps
-    if len(steps) != len(set(steps)):
-        # DESIGN.md: no duplicate epochs in the run's history. Seen here: rank 0 logs epoch
-        # N right after its checkpoint is written, but when the node dies before Ray Train's
-        # controller has registered that checkpoint, the retry resumes from epoch N-1's and
-        # logs epoch N again. Belongs to workflows/train_loop.py (reported); once a retry
-        # skips epochs already logged, this branch is never taken and the test passes.
-        pytest.xfail(f"train logged an epoch twice after the node loss: steps {steps}")
+    # No epoch logged twice: rank 0 logs an epoch only once its checkpoint is committed,
+    # so a retry after the node loss never resumes from before a logged epoch.
+    assert len(steps) == len(set(steps)), steps

@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 from workflows import config as cfg
-from workflows.errors import CnnflowError, NotBuiltYet
+from workflows.errors import CnnflowError
 from workflows.terminal import quiet_libraries
 
 # subcommand -> (config class, "module:function" that runs it)
@@ -103,9 +103,6 @@ def _make_command(name: str, config_cls: type, target: str) -> click.Command:
             config = resolve_config(config_cls, ctx, values)
             quiet_libraries(getattr(config, "verbose", False))
             result = _runner(target)(config)
-        except NotBuiltYet as exc:
-            click.echo(f"cnnflow {name}: not built yet ({exc})", err=True)
-            ctx.exit(2)
         except USER_ERRORS as exc:
             if debug:
                 traceback.print_exc()

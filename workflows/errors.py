@@ -3,7 +3,3 @@
 
 class CnnflowError(Exception):
     """Something the user can fix: a wrong path, an unknown model, an unreachable server."""
-
-
-class NotBuiltYet(CnnflowError):
-    """A subcommand whose stage has not been built yet (the CLI exits with code 2)."""

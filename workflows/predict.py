@@ -1,4 +1,4 @@
-"""`cnnflow predict INPUT OUTPUT` (DESIGN.md): one row per input file, by one model version.
+"""`cnnflow predict INPUT OUTPUT` (docs/architecture.md): one row per input file, by one model version.
 
     resolve the model once -> list INPUT -> drop what OUTPUT already holds (resume)
     -> Ray Data pipeline (workflows/predict_pipeline.py) -> part files + summary.json

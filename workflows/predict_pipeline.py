@@ -29,7 +29,7 @@ import ray
 from data_prep import schema
 from data_prep.decode import UndecodableImage, decode_image
 
-# The output table of DESIGN.md; `probabilities` follow the model's classes order.
+# The output table (docs/architecture.md, Formats); `probabilities` follow the model's classes order.
 OUTPUT_SCHEMA = pa.schema(
     [
         pa.field("path", pa.string(), nullable=False),

@@ -1,4 +1,4 @@
-"""`cnnflow prep INPUT OUTPUT` (DESIGN.md): image folders to Parquet shards on Ray.
+"""`cnnflow prep INPUT OUTPUT` (docs/architecture.md): image folders to Parquet shards on Ray.
 
 The job itself is `data_prep.pipeline.prepare`; this module joins Ray, shows progress
 (files done, rate, ETA) and ends with a one-screen summary.
