@@ -58,8 +58,9 @@ EXPERIMENT = "bench-quality"
 class Runner:
     """Runs cnnflow subprocesses with their output appended to one log file."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, num_cpus: int | None = None):
         self.workdir = workdir
+        self.num_cpus = num_cpus
         self.log = workdir / "bench-quality.log"
         self.env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
         self.cnnflow = shutil.which("cnnflow") or str(Path(sys.executable).with_name("cnnflow"))
@@ -67,6 +68,8 @@ class Runner:
     def __call__(self, *args: str) -> tuple[int, float, str]:
         """(return code, seconds, what it printed)."""
         cmd = [self.cnnflow, *args]
+        if self.num_cpus and args[0] in ("prep", "train", "tune", "predict"):
+            cmd += ["--num-cpus", str(self.num_cpus)]
         with open(self.log, "a") as log:
             log.write(f"\n=== {time.strftime('%H:%M:%S')} $ {' '.join(['cnnflow', *args])}\n")
             log.flush()
@@ -340,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time-budget", type=float, default=None, help="cnnflow tune --time-budget, seconds (default: tune's)")
     parser.add_argument("--repeat", type=int, default=1, help="train defaults and plain with seeds 0..K-1")
     parser.add_argument("--vary", metavar="OPTION=V1,V2", help="sweep one train option; skips plain and tune")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="CPUs for each cnnflow command's local Ray (to run benches side by side)")
     args = parser.parse_args(argv)
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [s for s in sets if s not in quality_data.SETS]
@@ -350,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
 
-    run = Runner(args.workdir)
+    run = Runner(args.workdir, args.num_cpus)
     print(f"workdir {args.workdir}; cnnflow output goes to {run.log}")
     if args.vary:
         option, _, values = args.vary.partition("=")
