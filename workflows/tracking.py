@@ -82,8 +82,8 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
     MLflow's client retries an unreachable server for minutes before it gives up, a busy
     port (macOS's AirPlay on 5000 is the classic) answers with something that is not
-    MLflow, and a server behind `--app-name basic-auth` answers 401 to a job without
-    credentials only once it logs: each deserves one clear line instead.
+    MLflow, and a server behind `--app-name basic-auth` answers a job without a login
+    with 401 at its first logging call, as a traceback: each deserves one clear line.
     """
     if not uri.startswith(("http://", "https://")):
         return
