@@ -24,6 +24,7 @@ import ray
 
 from data_prep import report as rep
 from data_prep import safety
+from data_prep.redact import redact_uri, redacted
 from data_prep.scan import PrepError, Scan, normalize_uri, scan, unit_hash
 from data_prep.schema import (
     MANIFEST,
@@ -102,7 +103,8 @@ def prepare(
     counts = rep.written_counts(found, total)
     warnings = rep.warnings_for(found, total, counts)
     seconds = time.perf_counter() - start
-    report = rep.build_report(found, total, output=out, counts=counts, seconds=seconds, warnings=warnings)
+    # What a URI's credentials would leak through: files that are shared, copied and logged.
+    report = redacted(rep.build_report(found, total, output=out, counts=counts, seconds=seconds, warnings=warnings))
     write_atomic(join(out, QUARANTINE), rep.quarantine_csv(total.quarantined))
     write_json(join(out, REPORT), report)
     _check_written(found, total, counts, out, splits)
@@ -119,8 +121,8 @@ def prepare(
         "color_mode": "RGB",
         "mean": mean,
         "std": std,
-        "input": found.input,
-        "options": options or {},
+        "input": redact_uri(found.input),
+        "options": redacted(options or {}),
         "content_hash": rep.content_hash(found, total, image_size=image_size, resize=resize),
         "cnnflow_version": rep.cnnflow_version(),
     }
@@ -150,7 +152,7 @@ def owned_files(output: str) -> set[str]:
     if info.type == pafs.FileType.NotFound:
         return set()
     if info.type != pafs.FileType.Directory:
-        raise NotADirectoryError(f"output {safety.redact(output)} is a file; give a folder")
+        raise NotADirectoryError(f"output {redact_uri(output)} is a file; give a folder")
     present: dict[str, pafs.FileInfo] = {}
     for entry in safety.visible_entries(fs, root):
         if entry.type == pafs.FileType.Directory and entry.base_name in SPLITS:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import re
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
+from data_prep.redact import redact_uri
 from data_prep.scan import PrepError
 from data_prep.schema import join, resolve, write_atomic
 
@@ -64,23 +64,18 @@ def check_apart(input: str, output: str) -> None:
     if real_in == real_out:
         how = "is the input folder"
     elif within(real_out, real_in, sep):
-        how = f"is inside the input {redact(input)}"
+        how = f"is inside the input {redact_uri(input)}"
     elif within(real_in, real_out, sep):
-        how = f"holds the input {redact(input)}"
+        how = f"holds the input {redact_uri(input)}"
     else:
         return
     # A symlink in the way is named, so that the user sees why two names are one folder.
     given = unquote(urlsplit(output).path) if "://" in output else os.path.expanduser(output)
     via = f" (really {real_out})" if fs_out == "local" and os.path.abspath(given) != real_out else ""
     raise PrepError(
-        f"output {redact(output)}{via} {how}: cnnflow never writes where it reads; "
+        f"output {redact_uri(output)}{via} {how}: cnnflow never writes where it reads; "
         "choose an output folder outside the input (nothing was written)"
     )
-
-
-def redact(uri: str) -> str:
-    """A URI with any `user:password@` shown as `***@`, for messages."""
-    return re.sub(r"(://)[^/@]*@", r"\1***@", uri)
 
 
 # --- the marker ------------------------------------------------------------------------------
@@ -118,6 +113,6 @@ def refuse_foreign(output: str, foreign: list[str], *, stage: str) -> None:
         return
     listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
     raise PrepError(
-        f"output {redact(output)} holds files that `cnnflow {stage}` did not write ({listed}); "
+        f"output {redact_uri(output)} holds files that `cnnflow {stage}` did not write ({listed}); "
         "cnnflow replaces only its own output: choose a new or empty folder (nothing was changed)"
     )

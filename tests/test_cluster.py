@@ -8,22 +8,31 @@ token authentication on and MLFLOW_TRACKING_URI passed in the job's runtime env.
 """
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import os
+import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.cluster_helpers import REPO, LocalCluster, marked_pids
+from tests.cluster_helpers import BIN, MARKER, REPO, LocalCluster, free_port, marked_pids, node_ports
 from tests.images import make_image_folder
+from workflows.errors import CnnflowError
 
 CLASSES = ("horizontal", "vertical", "checker")
 MODEL_NAME = "cluster-shapes"
@@ -67,9 +76,12 @@ def test_cluster_yaml_validates_against_rays_schema() -> None:
     assert "~/.ray/auth_token" in config["file_mounts"]
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
-    # The head runs the MLflow server; every node knows where it is.
-    assert any("mlflow server" in c for c in config["head_start_ray_commands"])
-    assert all("MLFLOW_TRACKING_URI=" in c for c in starts if "ray start" in c)
+    # The head runs the MLflow server behind a login; every node knows where it is and
+    # the login, from the password file synced like the Ray token (no password in the repo).
+    assert any("workflows.cluster_mlflow" in c for c in config["head_start_ray_commands"])
+    assert "~/.cnnflow/mlflow_password" in config["file_mounts"]
+    for variable in ("MLFLOW_TRACKING_URI=", "MLFLOW_TRACKING_USERNAME=", "MLFLOW_TRACKING_PASSWORD="):
+        assert all(variable in c for c in starts if "ray start" in c), variable
     # cnnflow is installed on every node from the synced repository.
     assert config["file_mounts"]["~/cnnflow"] == "."
     assert any("pip install" in c and "~/cnnflow" in c for c in config["setup_commands"])
@@ -136,6 +148,226 @@ def test_job_upload_leaves_out_data_outputs_and_environments(tmp_path: Path) -> 
     size = package.stat().st_size
     assert size < 5 * 1024**2, f"the job upload is {size / 1024**2:.1f} MiB"
     assert size < GCS_STORAGE_MAX_SIZE / 100  # Ray's limit is 512 MiB
+
+
+# --- cluster.yaml's head start commands, run on this machine ------------------------------
+#
+# What `ray up` does on the head, minus the cloud: file_mounts copied under a private HOME
+# (the repository, the Ray token, the MLflow password), initialization_commands, then
+# head_start_ray_commands, twice, as a second `ray up` runs them again. Adapted only where
+# this machine differs: free ports on 127.0.0.1, one MLflow worker, Ray's temp dir in HOME,
+# no autoscaler. `ray stop` stops every Ray on the machine (other people's too), so here it
+# stops the Ray processes these commands started, by process id.
+
+
+@dataclass
+class Head:
+    home: Path
+    mlflow_port: int = field(default_factory=free_port)
+    token: str = field(default_factory=lambda: secrets.token_hex(32))
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+
+    def __post_init__(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+        self.env = {
+            **env, "HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            "RAY_USAGE_STATS_ENABLED": "0", MARKER: str(self.home),
+        }  # fmt: skip
+        self.mlflow_url = f"http://127.0.0.1:{self.mlflow_port}"
+
+    def file_mounts(self, config: dict) -> None:
+        local = {"~/cnnflow": REPO, "~/.ray/auth_token": self.token, "~/.cnnflow/mlflow_password": self.password}
+        assert set(config["file_mounts"]) == set(local), "a new file mount: tell this test what it holds"
+        for remote, source in local.items():
+            target = self.home / remote.removeprefix("~/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(source, Path):
+                target.symlink_to(source)
+            else:
+                # As `ray get-auth-token --generate` writes a token, and `print` the README's password.
+                target.write_text(source if remote.endswith("auth_token") else source + "\n")
+
+    def adapted(self, commands: list[str]) -> list[str]:
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        ray_flags = " ".join([
+            f"--dashboard-host=127.0.0.1 --dashboard-port={self.dashboard_port}",
+            f"--temp-dir={self.home / 'ray'} --node-ip-address=127.0.0.1 --num-cpus=1 --num-gpus=0",
+            f"--object-store-memory={100 * 1024**2} --ray-client-server-port={free_port()}",
+            "--min-worker-port=0 --max-worker-port=0 --disable-usage-stats", *node_ports(),
+        ])  # fmt: skip
+        swaps = {
+            "--host 0.0.0.0": "--host 127.0.0.1",
+            "--port 5000": f"--port {self.mlflow_port}",
+            "127.0.0.1:5000": f"127.0.0.1:{self.mlflow_port}",
+            "--workers 4": "--workers 1",
+            "--port=6379": f"--port={self.gcs_port}",
+            " --object-manager-port=8076": "",  # node_ports() has one
+            " --autoscaling-config=~/ray_bootstrap_config.yaml": "",
+            "--dashboard-host=0.0.0.0": ray_flags,
+        }
+        text = "\n".join(commands)
+        for old, new in swaps.items():
+            assert text.count(old) == 1, f"cluster.yaml changed: {old!r} appears {text.count(old)} times"
+            text = text.replace(old, new)
+        return text.split("\n")
+
+    def run(self, commands: list[str]) -> None:
+        for command in commands:
+            if command.strip() == "ray stop":
+                self.stop_ray()
+                continue
+            done = subprocess.run(
+                ["bash", "-c", command], env=self.env, cwd=self.home, capture_output=True, text=True, timeout=400
+            )
+            assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+
+    def mlflow_group(self) -> int | None:
+        pid_file = self.home / "mlflow" / "server.pid"
+        return int(pid_file.read_text()) if pid_file.exists() else None
+
+    def mlflow_groups(self) -> set[int]:
+        """Process groups of the running MLflow processes these commands started."""
+        groups = set()
+        for pid in marked_pids(str(self.home)):
+            try:
+                if b"mlflow" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    groups.add(os.getpgid(pid))
+            except (OSError, ProcessLookupError):
+                pass
+        return groups
+
+    def stop_ray(self) -> None:
+        """`ray stop` for this head alone: its Ray processes, not its MLflow server."""
+        keep = self.mlflow_groups()
+        ray = [p for p in marked_pids(str(self.home)) if _pgid(p) not in keep]
+        _kill(ray)
+
+    def stop(self) -> None:
+        _kill(marked_pids(str(self.home)))
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def status(self, path: str, *, login: bool) -> int:
+        request = urllib.request.Request(f"{self.mlflow_url}{path}")
+        if login:
+            request.add_header("Authorization", "Basic " + base64.b64encode(f"admin:{self.password}".encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def dashboard_status(self, *, token: bool) -> int:
+        """The job server's answer to a job listing; it comes up a little after `ray start`."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.dashboard_port}/api/jobs/")
+        if token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    return answer.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def task_sees_mlflow(self) -> str:
+        """A Ray task of a driver that knows nothing of MLflow lists the server's experiments:
+        the login reaches Ray's workers from where Ray started, as the tracking URI does."""
+        script = (
+            "import ray\n"
+            f"ray.init(address='127.0.0.1:{self.gcs_port}', log_to_driver=False)\n"
+            "@ray.remote\n"
+            "def experiments():\n"
+            "    from mlflow import MlflowClient\n"
+            "    return sorted(e.name for e in MlflowClient().search_experiments())\n"
+            "print(ray.get(experiments.remote()))\n"
+        )
+        driver_env = {**self.env, "RAY_AUTH_MODE": "token"}  # the token from ~/.ray/auth_token
+        done = subprocess.run(
+            [str(BIN / "python"), "-c", script], env=driver_env, cwd=self.home, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout.strip().splitlines()[-1]
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _kill(pids: list[int], grace_s: float = 10) -> None:
+    """SIGTERM, then SIGKILL what is left after the grace."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and _alive(p) for p in pids):
+            time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.cluster
+def test_head_start_commands_run_mlflow_behind_a_login_and_restart_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_cluster_yaml()
+    head = Head(Path(tempfile.mkdtemp(prefix="cnnflow-head-")))  # short: Ray's socket paths
+    try:
+        head.file_mounts(config)
+        head.run(config["initialization_commands"])
+        # setup_commands install cnnflow; this venv already has it, and pip must not touch it.
+        head.run(head.adapted(config["head_start_ray_commands"]))
+        first = head.mlflow_group()
+        assert head.mlflow_groups() == {first}
+        assert head.status("/health", login=False) == 200
+        search = "/api/2.0/mlflow/experiments/search?max_results=1"
+        assert head.status(search, login=False) == 401
+        assert head.status("/", login=False) == 401  # the UI too
+        assert head.status(search, login=True) == 200
+
+        # Ray keeps its token authentication; a task logs in to MLflow with no set-up.
+        assert head.dashboard_status(token=False) == 401
+        assert head.dashboard_status(token=True) == 200
+        assert head.task_sees_mlflow() == "['Default']"
+
+        # cnnflow's own check names the missing login in one line, and passes with it.
+        from workflows import tracking
+
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+        with pytest.raises(CnnflowError, match="refused the login .*MLFLOW_TRACKING_USERNAME"):
+            tracking.check_reachable(head.mlflow_url)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", head.password)
+        tracking.check_reachable(head.mlflow_url)
+        from mlflow import MlflowClient
+
+        MlflowClient(head.mlflow_url).create_experiment("kept")
+
+        # A second `ray up`: the old server is stopped (all of its process group), a new
+        # one serves the same store with the same login, and Ray is back with its token.
+        head.run(head.adapted(config["head_start_ray_commands"]))
+        second = head.mlflow_group()
+        assert second != first and head.mlflow_groups() == {second}, "one MLflow server, the new one"
+        assert head.status(search, login=False) == 401 and head.status(search, login=True) == 200
+        assert "kept" in {e.name for e in MlflowClient(head.mlflow_url).search_experiments()}
+        assert head.dashboard_status(token=False) == 401 and head.dashboard_status(token=True) == 200
+        assert head.task_sees_mlflow() == "['Default', 'kept']"
+    finally:
+        head.stop()
+    assert not marked_pids(str(head.home)), "processes of the head outlived the test"
 
 
 # --- a real two-node cluster --------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import click
 from click.core import ParameterSource
 
+from data_prep.redact import redact_uri
 from workflows import config as cfg
 from workflows.errors import CnnflowError
 from workflows.terminal import quiet_libraries
@@ -105,12 +106,17 @@ def _make_command(name: str, config_cls: type, target: str) -> click.Command:
             result = _runner(target)(config)
         except USER_ERRORS as exc:
             if debug:
-                traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
+                click.echo(redact_uri(traceback.format_exc()), err=True, nl=False)
+            click.echo(redact_uri(f"error: {exc}"), err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except (click.ClickException, click.exceptions.Exit):
+            raise  # click's own usage errors and exits
+        except Exception:  # a bug: its traceback, with any URI's credentials hidden (they are in messages)
+            click.echo(redact_uri(traceback.format_exc()), err=True, nl=False)
+            ctx.exit(1)
         ctx.exit(result if isinstance(result, int) else 0)
 
     doc = (config_cls.__doc__ or "").strip()

@@ -34,6 +34,7 @@ from rich.table import Table
 
 from data_prep import safety, schema
 from data_prep.scan import PrepError, normalize_uri, scan
+from data_prep.redact import redact_uri
 from workflows.config import PredictConfig
 from workflows.errors import CnnflowError
 from workflows.terminal import plain, text
@@ -333,7 +334,7 @@ class Output:
         if info.type == pafs.FileType.NotFound:
             return set()
         if info.type != pafs.FileType.Directory:
-            raise NotADirectoryError(f"output {safety.redact(self.uri)} is a file; give a folder")
+            raise NotADirectoryError(f"output {redact_uri(self.uri)} is a file; give a folder")
         entries = safety.visible_entries(self.fs, self.root)
         marker = safety.read_marker(self.fs, self.root)
         if marker is not None and marker["written_by"] != f"cnnflow {STAGE}":
@@ -454,7 +455,7 @@ class Output:
             "model_uri": model_uri,
             "model_name": classifier.name,
             "model_version": classifier.version,
-            "input": input,
+            "input": redact_uri(input),  # summary.json is shared and shown: no credentials
             "skipped_files": skipped,
             "this_run": this_run,
             "error_examples": examples,

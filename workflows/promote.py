@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnn.inference import class_probabilities
+from data_prep.redact import HIDDEN
 from data_prep.schema import VAL, join, pixels, read_manifest, resolve
 from workflows import tracking
 from workflows.config import CHAMPION_ALIAS, PromoteConfig
@@ -119,6 +120,8 @@ def promote(
         data = tracking.get_version(name, version).tags.get("data")
         if not data:
             raise CnnflowError(f"{uri} has no `data` tag; pass --data DATA (a `cnnflow prep` output)")
+        if HIDDEN in data:  # tags are stored without a URI's credentials
+            raise CnnflowError(f"{uri} was trained on {data}; pass --data DATA with its credentials")
     if candidate is None:
         candidate = _evaluate_version(uri, data)
     current = tracking.champion(name)

@@ -3,7 +3,8 @@
 Rich reads `[...]` in a printed string as markup: a class folder named `[cat]` vanished
 from the summary and a path with `[/]` in it stopped the job after its outputs were
 written. Control characters in a name (an escape sequence could rewrite the terminal)
-and the surrogates Python uses for bytes that are not UTF-8 are shown as escapes.
+and the surrogates Python uses for bytes that are not UTF-8 are shown as escapes, and a
+URI's credentials (`s3://KEY:SECRET@bucket`) as *** (`data_prep/redact.py`).
 Use `plain` inside a markup string and `text` where rich takes a renderable (table cells).
 """
 from __future__ import annotations
@@ -11,10 +12,13 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.text import Text
 
+from data_prep.redact import redact_uri
+
 
 def printable(value: object) -> str:
-    """`value` as a string with every character a terminal would act on written as an escape."""
-    return "".join(ch if ch.isprintable() else _escaped(ch) for ch in str(value))
+    """`value` as a string with every character a terminal would act on written as an
+    escape, and any credentials in it hidden."""
+    return "".join(ch if ch.isprintable() else _escaped(ch) for ch in redact_uri(str(value)))
 
 
 def _escaped(ch: str) -> str:

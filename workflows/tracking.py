@@ -5,6 +5,11 @@ worker (another process, perhaps another node) and `cnnflow promote` log into th
 run without relying on MLflow's process-global "active run". The tracking URI is made
 absolute once (a relative `sqlite:///mlflow.db` means the driver's working directory,
 not a Ray worker's) and passed to workers as a string.
+
+Every write passes through `data_prep.redact`: a URI's credentials (`s3://KEY:SECRET@...`
+in an option, a manifest, an error) never reach a param, tag or artifact, and
+`run_url`/`ui_hint` show the tracking URI without its own. The server's login comes from
+MLflow's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (cluster.yaml sets them).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from mlflow.types.schema import Array
 from torch import nn
 
 from cnn.inference import class_probabilities
+from data_prep.redact import redact_uri, redacted
 from cnn.models import ModelSpec
 from workflows.config import CHAMPION_ALIAS, tracking_uri
 from workflows.errors import CnnflowError
@@ -74,35 +80,54 @@ def resolved_tracking_uri() -> str:
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on a tracking server that is down or is not MLflow.
+    """Fail fast on a tracking server that is down, is not MLflow, or refuses our login.
 
-    MLflow's client retries an unreachable server for minutes before it gives up, and a
-    busy port (macOS's AirPlay on 5000 is the classic) answers with something that is
-    not MLflow; both deserve one clear line instead.
+    MLflow's client retries an unreachable server for minutes before it gives up, a busy
+    port (macOS's AirPlay on 5000 is the classic) answers with something that is not
+    MLflow, and a server behind `--app-name basic-auth` answers a job without a login
+    with 401 at its first logging call, as a traceback: each deserves one clear line.
     """
     if not uri.startswith(("http://", "https://")):
         return
     import requests
 
+    shown = redact_uri(uri)
     hint = "start it with `mlflow server --host 127.0.0.1 --port 5000`, or unset MLFLOW_TRACKING_URI to use ./mlflow.db"
     try:
         answer = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
     except requests.RequestException as exc:
-        raise CnnflowError(f"MLflow at {uri} is unreachable ({type(exc).__name__}); {hint}") from None
+        raise CnnflowError(f"MLflow at {shown} is unreachable ({type(exc).__name__}); {hint}") from None
     if answer.status_code != 200 or answer.text.strip() != "OK":
         raise CnnflowError(
-            f"{uri} answers, but not as an MLflow server (GET /health gave {answer.status_code}); "
+            f"{shown} answers, but not as an MLflow server (GET /health gave {answer.status_code}); "
             f"the port may be taken by another program: {hint}"
         )
+    try:  # /health needs no login; this does, with the credentials MLflow's client sends
+        client(uri).search_experiments(max_results=1)
+    except MlflowException as exc:
+        if exc.get_http_status_code() not in (401, 403):
+            raise
+        refused = "refused the login" if exc.get_http_status_code() == 401 else "denies this user"
+        raise CnnflowError(
+            f"MLflow at {shown} {refused} (HTTP {exc.get_http_status_code()}): set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD (README: Running on a cluster, The MLflow UI)"
+        ) from None
 
 
 def use_tracking() -> str:
     """Point MLflow's fluent API (this process) at the resolved URI and return it."""
     uri = resolved_tracking_uri()
     check_reachable(uri)
+    _quiet_run_links()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
+
+
+def _quiet_run_links() -> None:
+    """MLflow prints "View run ... at: URL" as a run ends, the URL holding the tracking
+    URI's credentials if it has any; cnnflow prints the run's link itself, redacted."""
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def client(uri: str | None = None) -> MlflowClient:
@@ -113,7 +138,7 @@ def client(uri: str | None = None) -> MlflowClient:
 def ui_hint(uri: str) -> str:
     """How to look at the runs: the server's URL, or the `mlflow ui` command for a local store."""
     if uri.startswith(("http://", "https://")):
-        return uri
+        return redact_uri(uri)
     return f"mlflow ui --backend-store-uri {uri}"
 
 
@@ -128,10 +153,10 @@ def training_run(*, experiment: str, run_name: str | None, params: Mapping[str, 
     """
     use_tracking()
     mlflow.set_experiment(experiment)
-    run = mlflow.start_run(run_name=run_name, tags=dict(tags))
+    run = mlflow.start_run(run_name=_name(run_name), tags=redacted(dict(tags)))
     run_id = run.info.run_id
     with _ends_with_status(run_id):
-        mlflow.log_params({k: "" if v is None else v for k, v in params.items()})
+        _log_params(params)
         yield run_id
 
 
@@ -151,7 +176,7 @@ def finished_run_id(experiment: str, run_name: str) -> str | None:
         return None
     found = client().search_runs(
         [exp.experiment_id],
-        filter_string=f"attributes.run_name = '{run_name}' and attributes.status = 'FINISHED'",
+        filter_string=f"attributes.run_name = '{_name(run_name)}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -163,7 +188,7 @@ def run_url(run_id: str, uri: str | None = None) -> str:
     uri = uri or resolved_tracking_uri()
     if uri.startswith(("http://", "https://")):
         run = client(uri).get_run(run_id)
-        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+        return redact_uri(f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}")
     return run_id
 
 
@@ -183,7 +208,7 @@ def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def log_dict(run_id: str, payload: Mapping[str, Any], artifact_file: str) -> None:
-    client().log_dict(run_id, dict(payload), artifact_file)
+    client().log_dict(run_id, redacted(dict(payload)), artifact_file)
 
 
 def read_dict(run_id: str, artifact_file: str) -> dict[str, Any]:
@@ -194,7 +219,7 @@ def read_dict(run_id: str, artifact_file: str) -> dict[str, Any]:
 
 
 def log_text(run_id: str, text: str, artifact_file: str) -> None:
-    client().log_text(run_id, text, artifact_file)
+    client().log_text(run_id, redact_uri(text), artifact_file)
 
 
 def log_figure(run_id: str, figure: Any, artifact_file: str) -> None:
@@ -204,7 +229,7 @@ def log_figure(run_id: str, figure: Any, artifact_file: str) -> None:
 def set_tags(run_id: str, tags: Mapping[str, Any], *, uri: str | None = None) -> None:
     c = client(uri)
     for key, value in tags.items():
-        c.set_tag(run_id, key, str(value))
+        c.set_tag(run_id, key, redact_uri(str(value)))
 
 
 # --- models and the registry -----------------------------------------------------------
@@ -246,7 +271,9 @@ def register_model(run_id: str, model_uri: str, *, register_as: str, version_tag
     # mlflow.register_model prints "Successfully registered model ..." to stderr itself;
     # cnnflow's own line says which version was registered.
     with contextlib.redirect_stderr(io.StringIO()):
-        version = mlflow.register_model(model_uri, register_as, tags={k: str(v) for k, v in version_tags.items()})
+        version = mlflow.register_model(
+            model_uri, register_as, tags={k: redact_uri(str(v)) for k, v in version_tags.items()}
+        )
     set_tags(run_id, {REGISTERED_TAG: f"{register_as}/{version.version}"})
     return version
 
@@ -291,7 +318,7 @@ def set_champion(name: str, version: int) -> None:
 def tag_version(name: str, version: int, tags: Mapping[str, Any]) -> None:
     c = client()
     for key, value in tags.items():
-        c.set_model_version_tag(name, str(version), key, str(value))
+        c.set_model_version_tag(name, str(version), key, redact_uri(str(value)))
 
 
 def resolve_model_uri(model: str | None) -> str:
@@ -417,6 +444,7 @@ def use_tracking_uri(uri: str) -> None:
     ./mlflow.db would reach the driver's store. `client()` and the fluent API then agree.
     """
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    _quiet_run_links()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
 
@@ -428,7 +456,7 @@ def _ends_with_status(run_id: str) -> Iterator[None]:
         yield
     except BaseException as exc:
         status = RunStatus.to_string(RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED)
-        client().set_tag(run_id, FAILURE_TAG, f"{type(exc).__name__}: {exc}"[:4000])
+        client().set_tag(run_id, FAILURE_TAG, redact_uri(f"{type(exc).__name__}: {exc}")[:4000])
         mlflow.end_run(status)
         raise
     else:
@@ -443,7 +471,11 @@ def _clear_failure(run_id: str) -> None:
 
 
 def _log_params(params: Mapping[str, Any]) -> None:
-    mlflow.log_params({k: "" if v is None else v for k, v in params.items()})
+    mlflow.log_params({k: "" if v is None else v for k, v in redacted(dict(params)).items()})
+
+
+def _name(run_name: str | None) -> str | None:
+    return None if run_name is None else redact_uri(run_name)
 
 
 @contextmanager
@@ -458,10 +490,10 @@ def parent_run(
     use_tracking()
     mlflow.set_experiment(experiment)
     if run_id is None:
-        run_id = mlflow.start_run(run_name=run_name, tags=dict(tags)).info.run_id
+        run_id = mlflow.start_run(run_name=_name(run_name), tags=redacted(dict(tags))).info.run_id
         _log_params(params)
     else:
-        mlflow.start_run(run_id=run_id, tags=dict(tags))
+        mlflow.start_run(run_id=run_id, tags=redacted(dict(tags)))
         _clear_failure(run_id)
     with _ends_with_status(run_id):
         yield run_id
@@ -487,9 +519,9 @@ def child_run(
         experiment_id = client().get_run(parent_run_id).info.experiment_id
         run = mlflow.start_run(
             experiment_id=experiment_id,
-            run_name=run_name,
+            run_name=_name(run_name),
             parent_run_id=parent_run_id,
-            tags={**tags, CHILD_KEY_TAG: key},
+            tags=redacted({**tags, CHILD_KEY_TAG: key}),
         )
         run_id = run.info.run_id
         _log_params(params)
@@ -539,7 +571,7 @@ def latest_run(experiment: str, tags: Mapping[str, str], *, unfinished: bool = F
     exp = client().get_experiment_by_name(experiment)
     if exp is None:
         return None
-    conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    conditions = [f"tags.`{k}` = '{v}'" for k, v in redacted(dict(tags)).items()]  # stored redacted
     if unfinished:
         conditions.append("attributes.status != 'FINISHED'")
     found = client().search_runs(

@@ -43,6 +43,7 @@ from rich.live import Live
 from rich.table import Table
 
 from cnn.models import ModelSpec, build_model
+from data_prep.redact import HIDDEN, redact_uri, unredact
 from workflows import tracking
 from workflows.config import RayOptions, TrainConfig, TuneConfig, make_config
 from workflows.errors import CnnflowError
@@ -240,7 +241,7 @@ def run(config: TuneConfig) -> int:
             run_id=resumed["run_id"] if resumed else None,
         ) as parent_id:
             name = config.name or (resumed["tags"][NAME_TAG] if resumed else f"cnnflow-tune-{parent_id}")
-            path = resumed["tags"][PATH_TAG] if resumed else experiment_path(config, name)
+            path = resumed["path"] if resumed else experiment_path(config, name)
             if not resumed:
                 tracking.set_tags(parent_id, {NAME_TAG: name, PATH_TAG: path})
                 tracking.log_dict(parent_id, dataclasses.asdict(config), CONFIG_ARTIFACT)
@@ -256,7 +257,7 @@ def run(config: TuneConfig) -> int:
             )
             for key, text in described.items():
                 click.echo(f"  {key}: {text}")
-            click.echo(f"  Ray Tune folder: {path} (if interrupted: cnnflow tune {config.data} --resume)")
+            click.echo(redact_uri(f"  Ray Tune folder: {path} (if interrupted: cnnflow tune {config.data} --resume)"))
 
             trainable = ray.tune.with_resources(
                 ray.tune.with_parameters(run_trial, base=trial_options(config, base), parent_run_id=parent_id, uri=uri),
@@ -276,7 +277,7 @@ def run(config: TuneConfig) -> int:
             budget_spent = config.time_budget is not None and time.monotonic() - started >= config.time_budget
             cut = end_cut_children(parent_id, results, config.trials, budget_spent=budget_spent)
             if cut is not None:
-                click.echo(f"search interrupted ({cut}); go on with: cnnflow tune {config.data} --resume", err=True)
+                click.echo(redact_uri(f"search interrupted ({cut}); go on with: cnnflow tune {config.data} --resume"), err=True)
                 raise SearchInterrupted(cut)
             if budget_spent:
                 click.echo(f"time budget of {config.time_budget:g} s spent after {len(results)} of {config.trials} trials")
@@ -357,8 +358,10 @@ def new_tuner(
 
 
 def resumed_config(config: TuneConfig, parent_id: str) -> TuneConfig:
-    """The options the search started with (saved on its parent run); this driver's Ray ones."""
-    saved = tracking.read_dict(parent_id, CONFIG_ARTIFACT)
+    """The options the search started with (saved on its parent run); this driver's Ray ones.
+    A URI saved without its credentials gets them back from the same URI given now."""
+    given = dataclasses.asdict(config)
+    saved = {k: unredact(v, given.get(k)) for k, v in tracking.read_dict(parent_id, CONFIG_ARTIFACT).items()}
     ray_options = {f.name: getattr(config, f.name) for f in dataclasses.fields(RayOptions)}
     return make_config(TuneConfig, {**saved, **ray_options, "resume": True}, source=f"run {parent_id}'s {CONFIG_ARTIFACT}")
 
@@ -446,9 +449,14 @@ def resumable(config: TuneConfig, p: Plan) -> dict[str, Any] | None:
     else:
         return None
     path = found["tags"].get(PATH_TAG)
+    if path and NAME_TAG in found["tags"]:  # a --storage URI's credentials, given again, come back
+        path = unredact(path, experiment_path(config, found["tags"][NAME_TAG]))
     if not path or not ray.tune.Tuner.can_restore(path):
-        raise CnnflowError(f"the search of parent run {found['run_id']} cannot be resumed: no Ray Tune state at {path}")
-    return found
+        raise CnnflowError(
+            f"the search of parent run {found['run_id']} cannot be resumed: no Ray Tune state at {path}"
+            + ("; pass --storage again with its credentials" if path and HIDDEN in path else "")
+        )
+    return {**found, "path": path}
 
 
 def best_result(results: Any) -> dict[str, Any] | None:
