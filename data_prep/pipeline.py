@@ -24,6 +24,7 @@ import ray
 
 from data_prep import report as rep
 from data_prep import safety
+from data_prep.decode import Limits
 from data_prep.scan import PrepError, Scan, normalize_uri, scan, unit_hash
 from data_prep.schema import (
     MANIFEST,
@@ -71,6 +72,7 @@ def prepare(
     labels: str = "folder",
     unlabeled: bool = False,
     rows_per_shard: int = 2048,
+    limits: Limits,  # no default here: the options' defaults live in workflows/config.py
     options: dict[str, Any] | None = None,
     on_progress: Progress | None = None,
 ) -> PrepResult:
@@ -92,7 +94,7 @@ def prepare(
 
     total = rep.combine(
         _run_tasks(
-            found.input, out, chunks, size=image_size, resize=resize,
+            found.input, out, chunks, size=image_size, resize=resize, limits=limits,
             stats_split=UNLABELED if unlabeled else TRAIN, on_progress=on_progress,
         )
     )  # fmt: skip
@@ -265,6 +267,7 @@ def _run_tasks(
     *,
     size: int,
     resize: str,
+    limits: Limits,
     stats_split: str,
     on_progress: Progress | None,
 ) -> list[ChunkResult]:
@@ -282,7 +285,9 @@ def _run_tasks(
             i, chunk = todo.pop(0)
             name = shard_name(i)  # as listed in the marker by shard_files
             running.append(
-                _write_chunk.remote(input, output, name, chunk, size=size, resize=resize, stats_split=stats_split)
+                _write_chunk.remote(
+                    input, output, name, chunk, size=size, resize=resize, limits=limits, stats_split=stats_split
+                )
             )
         ready, _ = ray.wait(running, num_returns=1, timeout=1.0)
         for gen in ready:

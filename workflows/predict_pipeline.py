@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 import ray
 
 from data_prep import schema
-from data_prep.decode import UndecodableImage, decode_image
+from data_prep.decode import Limits, UndecodableImage, decode_image, read_file
 
 # The output table of DESIGN.md; `probabilities` follow the model's classes order.
 OUTPUT_SCHEMA = pa.schema(
@@ -99,21 +99,24 @@ def plan_pool(workers: int, *, gpu: bool, cluster_cpus: float, cluster_gpus: flo
 
 
 def decode_batch(
-    batch: pa.Table, *, filesystem: pafs.FileSystem, root: str, size: int, resize: str
+    batch: pa.Table, *, filesystem: pafs.FileSystem, root: str, size: int, resize: str, limits: Limits
 ) -> pa.Table:
     """Paths relative to `root` -> `image` (raw pixels, null on error) and `error`."""
     images: list[bytes | None] = []
     errors: list[str | None] = []
     for rel in batch.column("path").to_pylist():
         try:
-            with filesystem.open_input_stream(f"{root}/{rel}") as src:
-                data = src.read()
+            data = read_file(filesystem, f"{root}/{rel}", max_bytes=limits.max_bytes)
+        except UndecodableImage as exc:  # over the size cap: never read
+            images.append(None)
+            errors.append(str(exc))
+            continue
         except OSError as exc:
             images.append(None)
             errors.append(f"unreadable: {exc}")
             continue
         try:
-            decoded = decode_image(data, size=size, resize=resize)
+            decoded = decode_image(data, size=size, resize=resize, max_pixels=limits.max_pixels)
         except UndecodableImage as exc:
             images.append(None)
             errors.append(str(exc))
