@@ -137,6 +137,20 @@ def write_chunk(
     yield result
 
 
+def probe_chunk(input: str, files: list[tuple[str, int, str]], *, size: int, resize: str, limits: Limits) -> list[None]:
+    """Read and decode `files` as write_chunk does, keeping nothing: the pass that finds
+    which file of a chunk whose worker died is the one that kills it (data_prep/isolate.py).
+    A file that fails as it would in write_chunk is write_chunk's to quarantine, not this."""
+    fs, root = resolve(input)
+    for path, _, _ in files:
+        try:
+            decode_image(read_file(fs, join(root, path), max_bytes=limits.max_bytes), size=size, resize=resize,
+                         max_pixels=limits.max_pixels)
+        except (UndecodableImage, OSError):
+            pass
+    return [None] * len(files)
+
+
 def size_bin(side: int) -> str:
     """Histogram bin of a source image's shorter side: '<64', '64-127', ..., '>=4096'."""
     low = 0

@@ -79,7 +79,7 @@ def test_a_sixteen_bit_png_is_scaled_in_place() -> None:
     assert peak < 4.5 * 4_000_000
 
 
-def test_predict_decodes_with_the_same_limits(tmp_path: Path) -> None:
+def test_predict_decodes_with_the_same_limits(ray_local, tmp_path: Path) -> None:
     from workflows.predict_pipeline import decode_batch
 
     (tmp_path / "ok.png").write_bytes(encode(pattern_pixels(0, 20, np.random.default_rng(0)), "PNG", "RGB"))
@@ -113,3 +113,60 @@ def test_prep_quarantines_oversized_files_with_the_options_reasons(image_folder,
         rows = {r["path"]: r["reason"] for r in csv.DictReader(f)}
     assert rows["horizontal/wide.png"].startswith("too many pixels: 1500x1000 = 1.5 Mpx")
     assert rows["vertical/huge.jpg"].startswith("file too large: 8,589.9 MB, over the limit of 2 MB")
+
+
+# --- a decode that kills its worker ----------------------------------------------------
+# No file makes Pillow crash on demand, and a test-only switch in the decoder is not
+# allowed; so the isolation is tested with real Ray tasks that really die (os._exit, as a
+# segfault or the OOM killer would end them), through the helper prep and predict use.
+
+
+def test_items_that_kill_their_worker_are_isolated_and_the_rest_goes_on(ray_local) -> None:
+    import ray
+
+    from data_prep.isolate import run_isolating
+
+    def decode_or_die(part: list[str]) -> list[str]:  # defined here: shipped to the worker by value
+        for item in part:
+            if item.startswith("poison"):
+                os._exit(1)  # the process ends mid-task, as in a codec crash
+        return [item.upper() for item in part]
+
+    task = ray.remote(num_cpus=1)(decode_or_die)
+    submitted: list[int] = []
+
+    def submit(part):
+        submitted.append(len(part))
+        return task.options(max_retries=0).remote(list(part))
+
+    items = [f"file{i}" for i in range(20)]
+    items[3], items[17] = "poison-a", "poison-b"
+    results, poison = run_isolating(submit, items)
+    assert poison == [3, 17]
+    assert results == [None if i in (3, 17) else item.upper() for i, item in enumerate(items)]
+    assert submitted.count(1) >= 4  # each poison item died alone twice before it was blamed
+    assert len(submitted) < 30  # halving, not one task per item
+
+    clean, none = run_isolating(submit, ["a", "b"])
+    assert (clean, none) == (["A", "B"], [])
+    assert run_isolating(submit, []) == ([], [])
+
+
+def test_a_chunk_whose_worker_died_is_cleaned_and_probed_before_it_runs_again(ray_local, tmp_path: Path) -> None:
+    from data_prep.pipeline import _recover, shard_name
+
+    (tmp_path / "in/a").mkdir(parents=True)
+    chunk = []
+    for i in range(5):
+        (tmp_path / f"in/a/{i}.png").write_bytes(encode(pattern_pixels(0, 20, np.random.default_rng(i)), "PNG", "RGB"))
+        chunk.append((f"a/{i}.png", 0, "train" if i % 2 else "val"))
+    (tmp_path / "in/a/broken.png").write_bytes(b"not an image")  # write_chunk's to quarantine, not the probe's
+    chunk.append(("a/broken.png", 0, "train"))
+    for split in ("train", "val"):  # what a task that died mid-write leaves: no Parquet footer
+        (tmp_path / "out" / split).mkdir(parents=True)
+        (tmp_path / "out" / split / shard_name(3)).write_bytes(b"PAR1 cut off")
+    rest, crashed = _recover(
+        str(tmp_path / "in"), str(tmp_path / "out"), 3, chunk, size=16, resize="squash", limits=Limits.of(1, 1)
+    )
+    assert rest == chunk and crashed.quarantined == []  # no file here kills a worker
+    assert not any((tmp_path / "out" / split / shard_name(3)).exists() for split in ("train", "val"))
