@@ -262,7 +262,7 @@ class PromoteConfig:
     )
 
     def __post_init__(self) -> None:
-        check_model_name(self.name, "name")
+        check_model_name(self.name, "name", new=False)
         _check(self.version is None or self.version >= 1, f"version must be >= 1, got {self.version}")
 
 
@@ -291,7 +291,7 @@ class RunsConfig:
     max_runs: int = option(20, "Most recent runs to show (at most 1000).")
 
     def __post_init__(self) -> None:
-        check_experiment_name(self.experiment)
+        check_experiment_name(self.experiment, new=False)
         _check_range("max_runs", self.max_runs, 1, 1000)
 
 
@@ -407,28 +407,30 @@ def _check_shape(width: int, depth: int) -> None:
     )
 
 
-def _check_name(what: str, name: str, limit: int = MAX_NAME) -> None:
-    """A name MLflow stores and cnnflow searches for: printable, no quotes, not too long.
+def _check_name(what: str, name: str, limit: int = MAX_NAME, *, new: bool = True) -> None:
+    """A name MLflow stores: not empty, printable, not too long; a `new` one (which cnnflow
+    creates) without quotes either.
 
     MLflow's search syntax has no escape character, so a name with both kinds of quote
-    could never be searched for; quotes and backticks are refused outright, which keeps
-    names usable in MLflow's UI search box too.
+    could never be searched for: names cnnflow creates hold no quote or backtick, which
+    keeps them usable in MLflow's UI search box too. A name being looked up (made by
+    another tool) may hold them: tracking.literal quotes it.
     """
     _check(name.strip() != "", f"{what} must not be empty")
     _check(len(name) <= limit, f"{what} must be at most {limit} characters, got {len(name)}")
-    bad = sorted({c for c in name if c in "'\"`" or not c.isprintable()})
-    _check(not bad, f"{what} must not contain quotes, backticks or control characters, got {name!r}")
+    _check(name.isprintable(), f"{what} must not contain control characters, got {name!r}")
+    _check(not new or not set(name) & set("'\"`"), f"{what} must not contain quotes or backticks, got {name!r}")
 
 
-def check_experiment_name(name: str) -> None:
-    _check_name("experiment", name, MAX_EXPERIMENT_NAME)
+def check_experiment_name(name: str, *, new: bool = True) -> None:
+    _check_name("experiment", name, MAX_EXPERIMENT_NAME, new=new)
 
 
-def check_model_name(name: str, what: str = "registered model name") -> None:
+def check_model_name(name: str, what: str = "registered model name", *, new: bool = True) -> None:
     """MLflow's rules for registered model names, plus _check_name's."""
     import posixpath
 
-    _check_name(what, name)
+    _check_name(what, name, new=new)
     _check("/" not in name and ":" not in name, f"{what} must not contain '/' or ':' (MLflow's rule), got {name!r}")
     # MLflow stores a model under its name as a path: the name must be its own normal form.
     norm = posixpath.normpath(name)
