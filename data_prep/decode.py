@@ -1,8 +1,10 @@
 """One decode-and-resize function, shared by prep, predict and the logged MLflow model.
 
-Training and prediction call the same `decode_image`, so pixels cannot drift between them.
-Steps: open (header only) -> refuse decompression bombs -> JPEG draft mode (the decoder
-scales by 1/2, 1/4 or 1/8 while decoding, never below the target) -> EXIF orientation ->
+Training and prediction call the same `decode_image`, so pixels cannot drift between them,
+and read files with the same `read_file`, so one size cap applies to both.
+Steps: open (header only) -> JPEG draft mode (the decoder scales by 1/2, 1/4 or 1/8 while
+decoding, never below the target) -> refuse more pixels than the budget, from the header,
+before anything is decoded -> EXIF orientation ->
 any mode to RGB (alpha composited on white, 16-bit scaled, not clipped) -> square of
 `size` by squash, centre crop or letterbox pad (black bars) -> uint8 (size, size, 3).
 """
@@ -13,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 RESIZE_MODES = ("squash", "crop", "pad")
@@ -28,7 +31,9 @@ IMAGE_EXTENSIONS = frozenset(
 
 # Pillow's default decompression-bomb limit (89.5 Mpx), as our own constant: Pillow only
 # warns between 1x and 2x of its global limit, and changing that global affects everyone.
+# It is the budget when the caller gives none; prep and predict pass their options'.
 MAX_IMAGE_PIXELS = 89_478_485
+MB = 1_000_000  # the unit of --max-file-mb
 
 RESAMPLE = Image.Resampling.BILINEAR  # antialiased when shrinking, as torchvision's default
 REDUCING_GAP = 3.0  # integer pre-reduction for big shrinks; Pillow: indistinguishable at >= 3
@@ -48,6 +53,34 @@ class UndecodableImage(ValueError):
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one file may cost; each is checked before the cost is paid."""
+
+    max_bytes: int  # file size: checked before the file is read
+    max_pixels: int  # pixels decoded at once (JPEGs at their draft scale): from the header
+
+    @classmethod
+    def of(cls, max_file_mb: float, max_megapixels: float) -> Limits:
+        return cls(int(max_file_mb * MB), int(max_megapixels * 1_000_000))
+
+
+def read_file(fs: pafs.FileSystem, path: str, *, max_bytes: int) -> bytes:
+    """The file's bytes; UndecodableImage if it is over max_bytes, known before it is read.
+
+    The size comes from the open file (a stat locally, the HEAD request on object stores
+    that reading needs anyway); a file that grows meanwhile is still cut off at the cap.
+    OSError when it cannot be read at all.
+    """
+    with fs.open_input_file(path) as src:
+        size = src.size()
+        data = b"" if size > max_bytes else src.read(max_bytes + 1)
+    if size > max_bytes or len(data) > max_bytes:
+        shown = max(size, len(data))
+        raise UndecodableImage(f"file too large: {shown / MB:,.1f} MB, over the limit of {max_bytes / MB:g} MB")
+    return data
+
+
+@dataclass(frozen=True)
 class Decoded:
     pixels: np.ndarray  # uint8 (size, size, 3), RGB, C-contiguous
     orig_height: int  # after EXIF orientation
@@ -57,11 +90,11 @@ class Decoded:
     exif_transposed: bool  # an EXIF orientation other than "upright" was applied
 
 
-def decode_image(data: bytes, *, size: int, resize: str) -> Decoded:
+def decode_image(data: bytes, *, size: int, resize: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Decoded:
     """Decode any Pillow image (first frame) into upright RGB pixels of size x size.
 
     Raises UndecodableImage for empty, truncated, corrupt or non-image bytes and for
-    images over MAX_IMAGE_PIXELS.
+    images whose header promises more than `max_pixels` pixels to decode.
     """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
@@ -69,7 +102,7 @@ def decode_image(data: bytes, *, size: int, resize: str) -> Decoded:
         raise UndecodableImage("empty file")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return _decode(img, size, resize)
+            return _decode(img, size, resize, max_pixels)
     except UndecodableImage:
         raise
     except UnidentifiedImageError:
@@ -82,23 +115,25 @@ def decode_image(data: bytes, *, size: int, resize: str) -> Decoded:
         raise UndecodableImage(f"corrupt: {type(exc).__name__}: {exc}") from None
 
 
-def _decode(img: Image.Image, size: int, resize: str) -> Decoded:
+def _decode(img: Image.Image, size: int, resize: str, max_pixels: int) -> Decoded:
     width, height = img.size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise UndecodableImage(
-            f"decompression bomb: {width}x{height} = {width * height:,} pixels, "
-            f"over the limit of {MAX_IMAGE_PIXELS:,}"
-        )
     source_mode, source_format = img.mode, img.format or "unknown"
-    orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation; 1 = upright
-    transposed = orientation in (2, 3, 4, 5, 6, 7, 8)
-    if orientation in (5, 6, 7, 8):  # quarter turns swap height and width
-        width, height = height, width
-
     if img.format == "JPEG":
         # Decode at the smallest 1/2^k scale that still covers the target (measured
         # several times faster on photos than a full decode, see bench/bench_prep.py).
         img.draft(None, _needed_size(img.size, size, resize))
+    # The budget, from the header alone (img.size is the draft scale now): before
+    # getexif, which on a PNG may decode the whole image to reach an eXIf chunk.
+    w, h = img.size
+    if w * h > max_pixels:
+        raise UndecodableImage(
+            f"too many pixels: {w}x{h} = {w * h / 1e6:,.1f} Mpx to decode, "
+            f"over the limit of {max_pixels / 1e6:g} Mpx"
+        )
+    orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation; 1 = upright
+    transposed = orientation in (2, 3, 4, 5, 6, 7, 8)
+    if orientation in (5, 6, 7, 8):  # quarter turns swap height and width
+        width, height = height, width
     img.load()
     if transposed:
         ImageOps.exif_transpose(img, in_place=True)
@@ -127,8 +162,12 @@ def _needed_size(stored: tuple[int, int], size: int, resize: str) -> tuple[int, 
 
 def _to_rgb_or_rgba(img: Image.Image) -> Image.Image:
     if img.mode in _INT_MODES:
-        # 16-bit (and 32-bit int) grey: Pillow's conversion clips at 255; scale instead.
-        grey = np.asarray(img).astype(np.uint32).clip(0, 65535) >> 8
+        # 16-bit (and 32-bit int) grey: Pillow's conversion clips at 255; scale instead,
+        # in place: one copy of the frame at its own width, not several 4-byte ones.
+        grey = np.array(img)  # uint16 (I;16*) or int32 (I), writable
+        if grey.dtype != np.uint16:
+            np.clip(grey, 0, 65535, out=grey)
+        grey >>= 8
         return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
     if img.mode in _ALPHA_MODES or "transparency" in img.info:
         return img if img.mode == "RGBA" else img.convert("RGBA")

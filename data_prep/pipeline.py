@@ -24,6 +24,8 @@ import ray
 
 from data_prep import report as rep
 from data_prep import safety
+from data_prep.decode import Limits
+from data_prep.isolate import CRASHED, WORKER_DIED, run_isolating
 from data_prep.redact import redact_uri, redacted
 from data_prep.scan import PrepError, Scan, normalize_uri, scan, unit_hash
 from data_prep.schema import (
@@ -42,14 +44,18 @@ from data_prep.schema import (
     write_atomic,
     write_json,
 )
-from data_prep.shards import ChunkResult, write_chunk
+from data_prep.shards import ChunkResult, probe_chunk, write_chunk
 
 STAGE = "prep"  # the marker's `written_by` is "cnnflow prep"
 SPLITS = (TRAIN, VAL, UNLABELED)
 SHARD_NAME = re.compile(r"part-\d{5}\.parquet")
 MIN_FILES_PER_TASK = 64  # below this, Ray's per-task overhead outweighs spreading out
 
-_write_chunk = ray.remote(num_cpus=1)(write_chunk)  # a generator task: progress, then result
+# A generator task: progress, then result. No retries by Ray: a chunk whose worker dies is
+# handled by _recover (its poison files found and quarantined, the rest run again).
+_write_chunk = ray.remote(num_cpus=1, max_retries=0)(write_chunk)
+_probe_chunk = ray.remote(num_cpus=1)(probe_chunk)
+MAX_RESTARTS = 3  # per chunk: a chunk that keeps dying with no poison file found is an error
 
 Progress = Callable[[int, int], None]  # (files done, files to decode)
 
@@ -72,6 +78,7 @@ def prepare(
     labels: str = "folder",
     unlabeled: bool = False,
     rows_per_shard: int = 2048,
+    limits: Limits,  # no default here: the options' defaults live in workflows/config.py
     options: dict[str, Any] | None = None,
     on_progress: Progress | None = None,
 ) -> PrepResult:
@@ -93,7 +100,7 @@ def prepare(
 
     total = rep.combine(
         _run_tasks(
-            found.input, out, chunks, size=image_size, resize=resize,
+            found.input, out, chunks, size=image_size, resize=resize, limits=limits,
             stats_split=UNLABELED if unlabeled else TRAIN, on_progress=on_progress,
         )
     )  # fmt: skip
@@ -267,6 +274,7 @@ def _run_tasks(
     *,
     size: int,
     resize: str,
+    limits: Limits,
     stats_split: str,
     on_progress: Progress | None,
 ) -> list[ChunkResult]:
@@ -274,32 +282,69 @@ def _run_tasks(
     total_files = sum(len(c) for c in chunks)
     max_in_flight = 2 * _cluster_cpus()  # enough to keep every CPU busy; bounds queued arguments
     todo = list(enumerate(chunks))
-    running: list[Any] = []
+    running: dict[Any, tuple[int, list[tuple[str, int, str]]]] = {}  # generator -> (task, files)
+    progress: Counter = Counter()  # task -> files it reported done
+    restarts: Counter = Counter()
+    poisoned = 0  # files quarantined for killing their worker: done too
     results: list[ChunkResult] = []
-    done = 0
     if on_progress:
         on_progress(0, total_files)
     while todo or running:
         while todo and len(running) < max_in_flight:
             i, chunk = todo.pop(0)
             name = shard_name(i)  # as listed in the marker by shard_files
-            running.append(
-                _write_chunk.remote(input, output, name, chunk, size=size, resize=resize, stats_split=stats_split)
+            gen = _write_chunk.remote(
+                input, output, name, chunk, size=size, resize=resize, limits=limits, stats_split=stats_split
             )
-        ready, _ = ray.wait(running, num_returns=1, timeout=1.0)
+            running[gen] = (i, chunk)
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
         for gen in ready:
+            i, chunk = running[gen]
             try:
                 item = ray.get(next(gen))
             except StopIteration:
-                running.remove(gen)
+                del running[gen]
                 continue
-            if isinstance(item, ChunkResult):
-                results.append(item)
+            except WORKER_DIED:
+                del running[gen]
+                restarts[i] += 1
+                if restarts[i] > MAX_RESTARTS:
+                    raise PrepError(f"the task writing {shard_name(i)} died {MAX_RESTARTS + 1} times, "
+                                    "with no single file to blame; is a node running out of memory?") from None
+                progress[i] = 0  # its files are counted again when they are done again
+                rest, crashed = _recover(input, output, i, chunk, size=size, resize=resize, limits=limits)
+                results.append(crashed)
+                poisoned += len(crashed.quarantined)
+                if rest:
+                    todo.insert(0, (i, rest))
             else:
-                done += item
-                if on_progress:
-                    on_progress(done, total_files)
+                if isinstance(item, ChunkResult):
+                    results.append(item)
+                else:
+                    progress[i] += item
+            if on_progress:
+                on_progress(sum(progress.values()) + poisoned, total_files)
     return results
+
+
+def _recover(
+    input: str, output: str, task: int, chunk: list[tuple[str, int, str]], *, size: int, resize: str, limits: Limits
+) -> tuple[list[tuple[str, int, str]], ChunkResult]:
+    """A chunk whose worker died: remove what it half wrote, find the files that kill a
+    worker (decoding them again in ever smaller groups, data_prep/isolate.py), and return
+    the chunk without them, and a ChunkResult that quarantines them."""
+    fs, root = resolve(output)
+    for split in SPLITS:  # a shard cut off mid-write is not a Parquet file; ours to delete (the marker names it)
+        path = join(root, split, shard_name(task))
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
+    _, poison = run_isolating(
+        lambda part: _probe_chunk.options(max_retries=0).remote(input, list(part), size=size, resize=resize, limits=limits),
+        chunk,
+    )
+    bad = set(poison)
+    crashed = ChunkResult(quarantined=[{"path": chunk[k][0], "reason": CRASHED} for k in poison])
+    return [f for k, f in enumerate(chunk) if k not in bad], crashed
 
 
 def _check_written(found: Scan, total: ChunkResult, counts: dict[str, Any], out: str, splits: list[str]) -> None:

@@ -257,24 +257,38 @@ def read_label_csv(location: str, root: str) -> dict[str, str]:
         fs, path = resolve(normalize_uri(candidate))
         if fs.get_file_info(path).type == pafs.FileType.File:
             with fs.open_input_stream(path) as src:
-                text = src.read().decode("utf-8-sig")
+                data = src.read()
             break
     else:
         raise FileNotFoundError(f"labels csv {location} not found (also looked in {root})")
 
+    # Errors name lines, never what is on them: FILE may be any file the user can read
+    # (csv:/etc/passwd), and its content does not belong on a terminal or in a log.
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise PrepError(f"labels csv {location} is not UTF-8 text") from None
     table: dict[str, str] = {}
-    for line, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+    first_line: dict[str, int] = {}
+    try:
+        rows = list(enumerate(csv.reader(io.StringIO(text)), start=1))
+    except csv.Error as exc:  # e.g. a NUL byte, or a field over csv's size limit
+        raise PrepError(f"labels csv {location} is not CSV ({type(exc).__name__})") from None
+    for line, row in rows:
         if not row or all(not cell.strip() for cell in row):
             continue
         if line == 1 and [c.strip().lower() for c in row] == ["path", "label"]:
             continue
         if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            raise PrepError(f"{location}, line {line}: expected `path,label`, got {','.join(row)!r}")
+            raise PrepError(
+                f"{location}, line {line}: expected two non-empty fields `path,label`, got {len(row)} field(s)"
+            )
         path = row[0].strip().replace("\\", "/").removeprefix("./")
         label = row[1].strip()
         if table.get(path, label) != label:
-            raise PrepError(f"{location}, line {line}: {path} is labelled both {table[path]!r} and {label!r}")
+            raise PrepError(f"{location}, lines {first_line[path]} and {line}: one path with two different labels")
         table[path] = label
+        first_line.setdefault(path, line)
     return table
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep.decode import Decoded, UndecodableImage, decode_image
+from data_prep.decode import Decoded, Limits, UndecodableImage, decode_image, read_file
 from data_prep.schema import SHARD_SCHEMA, TRAIN, join, resolve
 
 COMPRESSION = "zstd"  # raw pixels: ~10-30% smaller, decompresses at GB/s
@@ -97,6 +97,7 @@ def write_chunk(
     *,
     size: int,
     resize: str,
+    limits: Limits,
     stats_split: str = TRAIN,
 ) -> Iterator[int | ChunkResult]:
     """Decode `files` ((path, label, split) under INPUT) into OUTPUT/<split>/<name>.
@@ -104,7 +105,8 @@ def write_chunk(
     Pixel statistics are gathered over the rows of `stats_split` only (train's, or all
     rows of unlabeled data).
     Yields the number of files done every PROGRESS_EVERY files, then one ChunkResult.
-    An unreadable or undecodable file is quarantined with its reason; nothing is dropped.
+    An unreadable or undecodable file, or one over `limits`, is quarantined with its
+    reason; nothing is dropped.
     """
     fs, root = resolve(input)
     result = ChunkResult()
@@ -112,9 +114,8 @@ def write_chunk(
     done = 0
     for path, label, split in files:
         try:
-            with fs.open_input_stream(join(root, path)) as src:
-                data = src.read()
-            decoded = decode_image(data, size=size, resize=resize)
+            data = read_file(fs, join(root, path), max_bytes=limits.max_bytes)
+            decoded = decode_image(data, size=size, resize=resize, max_pixels=limits.max_pixels)
         except UndecodableImage as exc:
             result.quarantined.append({"path": path, "reason": exc.reason})
         except OSError as exc:  # vanished, permission denied, network error
@@ -134,6 +135,20 @@ def write_chunk(
         result.shards[writer.uri] = writer.count
     yield done % PROGRESS_EVERY
     yield result
+
+
+def probe_chunk(input: str, files: list[tuple[str, int, str]], *, size: int, resize: str, limits: Limits) -> list[None]:
+    """Read and decode `files` as write_chunk does, keeping nothing: the pass that finds
+    which file of a chunk whose worker died is the one that kills it (data_prep/isolate.py).
+    A file that fails as it would in write_chunk is write_chunk's to quarantine, not this."""
+    fs, root = resolve(input)
+    for path, _, _ in files:
+        try:
+            decode_image(read_file(fs, join(root, path), max_bytes=limits.max_bytes), size=size, resize=resize,
+                         max_pixels=limits.max_pixels)
+        except (UndecodableImage, OSError):
+            pass
+    return [None] * len(files)
 
 
 def size_bin(side: int) -> str:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_prep.decode import IMAGE_EXTENSIONS, UndecodableImage, decode_image
+from data_prep.decode import IMAGE_EXTENSIONS, Limits, UndecodableImage, decode_image
 from data_prep.scan import scan
 from data_prep.schema import SHARD_FORMAT_VERSION, SHARD_SCHEMA, read_manifest
 from tests.images import encode, label_from_pixels, pattern_pixels
@@ -128,7 +128,7 @@ def messy(tmp_path_factory: pytest.TempPathFactory, ray_local: object) -> dict:
         "horizontal/truncated.jpg": (truncated_jpeg(rng), "truncated"),
         "vertical/empty.png": (b"", "empty file"),
         "checker/text.jpg": (b"just some notes, not a picture\n", "not an image"),
-        "checker/bomb.png": (png_claiming(10_000, 10_000), "decompression bomb"),
+        "checker/bomb.png": (png_claiming(10_000, 10_000), "too many pixels: 10000x10000"),
         "vertical/huge bomb.png": (png_claiming(50_000, 50_000), "decompression bomb"),
     }
     for path, (data, _) in bad.items():
@@ -371,7 +371,10 @@ def test_a_file_that_vanished_after_the_scan_is_quarantined_as_unreadable(tmp_pa
     (tmp_path / "in/a/ok.png").write_bytes(encode(pattern_pixels(0, 20, np.random.default_rng(0)), "PNG", "RGB"))
     (tmp_path / "out/train").mkdir(parents=True)
     files = [("a/ok.png", 0, "train"), ("a/gone.png", 0, "train")]
-    *progress, result = write_chunk(str(tmp_path / "in"), str(tmp_path / "out"), "p.parquet", files, size=8, resize="crop")
+    limits = Limits.of(max_file_mb=1, max_megapixels=1)
+    *progress, result = write_chunk(
+        str(tmp_path / "in"), str(tmp_path / "out"), "p.parquet", files, size=8, resize="crop", limits=limits
+    )
     assert isinstance(result, ChunkResult) and sum(progress) == 2
     assert [p for p, _ in result.written] == ["a/ok.png"]
     assert result.quarantined[0]["path"] == "a/gone.png"
@@ -698,10 +701,10 @@ def test_resize_modes_keep_or_change_the_aspect_as_named() -> None:
     [
         (b"", "empty file"),
         (b"hello", "not an image"),
-        (png_claiming(10_000, 10_000), "decompression bomb"),
+        (png_claiming(10_000, 10_000), "too many pixels: 10000x10000 = 100.0 Mpx to decode"),
         (png_claiming(50_000, 50_000), "decompression bomb"),
     ],
-    ids=["empty", "text", "bomb-over-our-limit", "bomb-over-pillows-limit"],
+    ids=["empty", "text", "bomb-over-our-budget", "bomb-over-pillows-limit"],
 )
 def test_undecodable_bytes_raise_with_a_reason(data: bytes, reason: str) -> None:
     with pytest.raises(UndecodableImage, match=reason) as info:

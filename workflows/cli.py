@@ -37,6 +37,20 @@ COMMANDS: dict[str, tuple[type, str]] = {
 USER_ERRORS = (CnnflowError, cfg.ConfigError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """USER_ERRORS, and MLflow's refusals once MLflow is loaded (a name or value it will not
+    take): looked up here rather than imported, so that `cnnflow --help` does not load MLflow."""
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+    return USER_ERRORS + ((mlflow_exceptions.MlflowException,) if mlflow_exceptions else ())
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line; MLflow's prefixed, so the user knows who refused."""
+    message = getattr(exc, "message", None) if type(exc).__module__.startswith("mlflow") else None
+    text = " ".join(str(message if message is not None else exc).split())
+    return f"MLflow: {text}" if message is not None else text
+
+
 def _click_type(hint: Any) -> Any:
     import types
     import typing
@@ -104,10 +118,10 @@ def _make_command(name: str, config_cls: type, target: str) -> click.Command:
             config = resolve_config(config_cls, ctx, values)
             quiet_libraries(getattr(config, "verbose", False))
             result = _runner(target)(config)
-        except USER_ERRORS as exc:
+        except _user_errors() as exc:
             if debug:
                 click.echo(redact_uri(traceback.format_exc()), err=True, nl=False)
-            click.echo(redact_uri(f"error: {exc}"), err=True)
+            click.echo(redact_uri(f"error: {one_line(exc)}"), err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

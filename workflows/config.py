@@ -57,6 +57,29 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+# Bounds shared by several options. Values outside them are refused when the config is
+# built, before Ray starts (STYLE.md: validate early, say what is allowed).
+MIN_IMAGE_SIZE = 8
+# Raw uint8 pixels are stored per row: 3 MiB an image at 1024 px, and the CNNs here have
+# no use for more (a larger side only multiplies decode, disk and training memory).
+MAX_IMAGE_SIZE = 1024
+MAX_BATCH = 4096  # images per step or model call; more only risks running out of memory
+MAX_SEED = 2**32 - 1  # what numpy's and torch's seeding both accept
+MAX_CHANNELS = 2048  # simple: channels of the last stage, width x 2^(depth-1)
+# MLflow's own limits on names (mlflow.utils.validation), checked here so that a name it
+# would refuse is refused before any work is done.
+MAX_EXPERIMENT_NAME = 500
+MAX_NAME = 250
+# Poison files (see data_prep/decode.py): a file over the size cap is quarantined before
+# it is read; an image whose header promises more pixels than the budget, before it is
+# decoded. Defaults: a 48 Mpx phone photo passes both (its JPEG is ~10-25 MB and decodes
+# at 1/8 scale); at the budget an RGBA PNG decodes to ~200 MB, so a decoding CPU peaks
+# around half a GB. Pillow refuses more than MAX_MEGAPIXELS on its own (2x its 89.5 Mpx
+# decompression-bomb limit), so the budget cannot be raised past that.
+DEFAULT_MAX_FILE_MB, DEFAULT_MAX_MEGAPIXELS = 100.0, 50.0
+MAX_FILE_MB, MAX_MEGAPIXELS = 2048.0, 178.0
+
+
 @dataclass(kw_only=True)
 class RayOptions:
     address: str | None = option(
@@ -72,14 +95,40 @@ class RayOptions:
         "and what its core writes to the terminal goes to $TMPDIR/cnnflow-logs/.",
     )
 
+    def __post_init__(self) -> None:
+        # 0 CPUs would start a Ray that can never run a task: the job would wait forever.
+        _check(self.num_cpus is None or self.num_cpus >= 1, f"num_cpus must be >= 1, got {self.num_cpus}")
+
 
 @dataclass(kw_only=True)
-class PrepConfig(RayOptions):
+class ImageLimits(RayOptions):
+    """What one input file may cost: prep and predict decode with the same limits."""
+
+    max_file_mb: float = option(
+        DEFAULT_MAX_FILE_MB,
+        "Files larger than this (MB) are quarantined (prep) or error rows (predict), unread.",
+    )
+    max_megapixels: float = option(
+        DEFAULT_MAX_MEGAPIXELS,
+        "Images whose header promises more pixels to decode than this (millions; JPEGs count "
+        "at the reduced scale they are decoded at) are quarantined or error rows, undecoded.",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_range("max_file_mb", self.max_file_mb, 0, MAX_FILE_MB, low_open=True)
+        _check_range("max_megapixels", self.max_megapixels, 0, MAX_MEGAPIXELS, low_open=True)
+
+
+@dataclass(kw_only=True)
+class PrepConfig(ImageLimits):
     """Turn an image folder into resized Parquet shards, a manifest and a quality report."""
 
     input: str = positional("Image folder or URI (s3://...), one subfolder per class.")
     output: str = positional("Output folder or URI for shards, manifest.json and report.json.")
-    image_size: int = option(128, "Side of the square images written, in pixels.")
+    image_size: int = option(
+        128, f"Side of the square images written, in pixels ({MIN_IMAGE_SIZE}-{MAX_IMAGE_SIZE})."
+    )
     resize: ResizeMode = option(
         "squash",
         "How to make images square: squash (stretch), crop (centre) or pad (letterbox).",
@@ -97,9 +146,11 @@ class PrepConfig(RayOptions):
     )
 
     def __post_init__(self) -> None:
-        _check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        _check(self.image_size >= 8, f"image_size must be >= 8, got {self.image_size}")
-        _check(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        super().__post_init__()
+        _check_range("val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
+        _check_range("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+        _check_range("seed", self.seed, 0, MAX_SEED)
+        _check_range("rows_per_shard", self.rows_per_shard, 1, 1_000_000)
         _check(
             self.labels == "folder" or self.labels.startswith(("regex:", "csv:")),
             f"labels must be folder, regex:PATTERN or csv:FILE, got {self.labels!r}",
@@ -153,21 +204,30 @@ class TrainConfig(RayOptions):
     seed: int = option(0, "Seed for model initialisation and data order.")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_model(self.model)
-        for name in ("batch_size", "workers", "width", "depth"):
-            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        _check(self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        _check(0 < self.lr < 10, f"lr must be in (0, 10), got {self.lr}")
-        _check(0 < self.warmup < 1, f"warmup must be in (0, 1), got {self.warmup}")
-        _check(0 <= self.weight_decay < 1, f"weight_decay must be in [0, 1), got {self.weight_decay}")
-        _check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        _check(0 <= self.max_shift < 0.5, f"max_shift must be in [0, 0.5), got {self.max_shift}")
-        _check(0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}")
-        _check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
+        _check_shape(self.width, self.depth)
+        _check_range("batch_size", self.batch_size, 1, MAX_BATCH)
+        _check_range("workers", self.workers, 1, 1024)
+        if self.epochs is not None:
+            _check_range("epochs", self.epochs, 1, 10_000)
+        _check_range("lr", self.lr, 0, 10, low_open=True, high_open=True)
+        _check_range("warmup", self.warmup, 0, 1, low_open=True, high_open=True)
+        _check_range("weight_decay", self.weight_decay, 0, 1, high_open=True)
+        _check_range("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        _check_range("max_shift", self.max_shift, 0, 0.5, high_open=True)
+        _check_range("ema", self.ema, 0, 1, high_open=True)
+        _check_range("max_failures", self.max_failures, 0, 100)
+        _check_range("seed", self.seed, 0, MAX_SEED)
+        check_experiment_name(self.experiment)
+        if self.run_name is not None:
+            _check_name("run_name", self.run_name)
+        if self.register_as is not None:
+            check_model_name(self.register_as, "register_as")
 
 
 @dataclass(kw_only=True)
-class PredictConfig(RayOptions):
+class PredictConfig(ImageLimits):
     """Classify a folder of images with a registered model; write one row per file."""
 
     input: str = positional("Image folder or URI (any layout), or a `cnnflow prep` output.")
@@ -177,9 +237,11 @@ class PredictConfig(RayOptions):
         "MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/...) or a "
         "registered NAME, meaning models:/NAME@champion (default: the only registered model).",
     )
-    batch_size: int | None = option(None, "Images per model call (default: 64 on CPU, 256 on GPU).")
+    batch_size: int | None = option(
+        None, f"Images per model call (default: 64 on CPU, 256 on GPU; at most {MAX_BATCH})."
+    )
     workers: int = option(
-        1, "Model replicas; they share the CPUs decoding leaves them, so any number finishes."
+        1, "Model replicas (1-256); they share the CPUs decoding leaves them, so any number finishes."
     )
     gpu: bool = option(
         False, "Give each replica one GPU (at most as many replicas as GPUs); bf16 where labels stay the same."
@@ -188,8 +250,11 @@ class PredictConfig(RayOptions):
     overwrite: bool = option(False, "Replace predictions made by another model version.")
 
     def __post_init__(self) -> None:
-        _check(self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+        super().__post_init__()
+        if self.batch_size is not None:
+            _check_range("batch_size", self.batch_size, 1, MAX_BATCH)
+        # Each replica is a process holding the model: more than this only exhausts memory.
+        _check_range("workers", self.workers, 1, 256)
 
 
 @dataclass(kw_only=True)
@@ -201,6 +266,10 @@ class PromoteConfig:
     data: str | None = option(
         None, "Prepared data whose validation split decides (default: the candidate's)."
     )
+
+    def __post_init__(self) -> None:
+        check_model_name(self.name, "name", new=False)
+        _check(self.version is None or self.version >= 1, f"version must be >= 1, got {self.version}")
 
 
 @dataclass(kw_only=True)
@@ -215,6 +284,9 @@ class SummaryConfig:
 
     def __post_init__(self) -> None:
         _check_model(self.model)
+        _check_range("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+        _check_range("num_classes", self.num_classes, 1, 100_000)
+        _check_shape(self.width, self.depth)
 
 
 @dataclass(kw_only=True)
@@ -222,7 +294,11 @@ class RunsConfig:
     """Show an experiment's runs side by side."""
 
     experiment: str = option(DEFAULT_EXPERIMENT, "MLflow experiment.")
-    max_runs: int = option(20, "Most recent runs to show.")
+    max_runs: int = option(20, "Most recent runs to show (at most 1000).")
+
+    def __post_init__(self) -> None:
+        check_experiment_name(self.experiment, new=False)
+        _check_range("max_runs", self.max_runs, 1, 1000)
 
 
 @dataclass(kw_only=True)
@@ -275,9 +351,10 @@ class TuneConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.trials >= 1, f"trials must be >= 1, got {self.trials}")
-        _check(self.time_budget is None or self.time_budget > 0, f"time_budget must be > 0 seconds, got {self.time_budget}")
-        _check(self.grace_epochs >= 1, f"grace_epochs must be >= 1, got {self.grace_epochs}")
+        _check_range("trials", self.trials, 1, 10_000)
+        if self.time_budget is not None:  # seconds; inf is "no limit", which is leaving it out
+            _check_range("time_budget", self.time_budget, 0, 365 * 86400, low_open=True)
+        _check_range("grace_epochs", self.grace_epochs, 1, 10_000)
         unknown = sorted(set(self.search_options()) - set(SEARCHABLE))
         _check(not unknown, f"search: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                f"searchable: {', '.join(SEARCHABLE)}")
@@ -311,6 +388,59 @@ def _check_model(name: str) -> None:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _check_range(
+    name: str, value: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> None:
+    """low <= value <= high (or < where open); NaN fails every comparison, so it is refused too."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    def show(bound: float) -> str:
+        return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+    interval = f"{'(' if low_open else '['}{show(low)}, {show(high)}{')' if high_open else ']'}"
+    _check(above and below, f"{name} must be in {interval}, got {value}")
+
+
+def _check_shape(width: int, depth: int) -> None:
+    _check_range("width", width, 1, MAX_CHANNELS)
+    _check_range("depth", depth, 1, 10)  # 2^10 = MAX_IMAGE_SIZE: each stage halves the side
+    _check(
+        width * 2 ** (depth - 1) <= MAX_CHANNELS,
+        f"width x 2^(depth-1) (channels of the last stage) must be <= {MAX_CHANNELS}, "
+        f"got {width} x 2^{depth - 1} = {width * 2 ** (depth - 1)}",
+    )
+
+
+def _check_name(what: str, name: str, limit: int = MAX_NAME, *, new: bool = True) -> None:
+    """A name MLflow stores: not empty, printable, not too long; a `new` one (which cnnflow
+    creates) without quotes either.
+
+    MLflow's search syntax has no escape character, so a name with both kinds of quote
+    could never be searched for: names cnnflow creates hold no quote or backtick, which
+    keeps them usable in MLflow's UI search box too. A name being looked up (made by
+    another tool) may hold them: tracking.literal quotes it.
+    """
+    _check(name.strip() != "", f"{what} must not be empty")
+    _check(len(name) <= limit, f"{what} must be at most {limit} characters, got {len(name)}")
+    _check(name.isprintable(), f"{what} must not contain control characters, got {name!r}")
+    _check(not new or not set(name) & set("'\"`"), f"{what} must not contain quotes or backticks, got {name!r}")
+
+
+def check_experiment_name(name: str, *, new: bool = True) -> None:
+    _check_name("experiment", name, MAX_EXPERIMENT_NAME, new=new)
+
+
+def check_model_name(name: str, what: str = "registered model name", *, new: bool = True) -> None:
+    """MLflow's rules for registered model names, plus _check_name's."""
+    import posixpath
+
+    _check_name(what, name, new=new)
+    _check("/" not in name and ":" not in name, f"{what} must not contain '/' or ':' (MLflow's rule), got {name!r}")
+    # MLflow stores a model under its name as a path: the name must be its own normal form.
+    norm = posixpath.normpath(name)
+    _check(norm == name and not norm.startswith("."), f"{what} {name!r} is not a plain name (MLflow's rule)")
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
@@ -357,8 +487,16 @@ def make_config(cls: type, values: dict[str, Any], source: str = "config") -> An
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    text = Path(path).read_text()
-    data = yaml.safe_load(text) or {}
+    """Plain YAML only: a python tag or broken syntax is a ConfigError naming where."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file") from None
+    except yaml.MarkedYAMLError as exc:  # ConstructorError (!!python/...), ParserError, ScannerError
+        where = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark else ""
+        raise ConfigError(f"{path}{where}: {exc.problem or exc.context}; give plain option: value lines") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not YAML ({type(exc).__name__})") from None
     _check(isinstance(data, dict), f"{path} must hold a mapping of option: value, got {type(data).__name__}")
     return data
 

@@ -239,6 +239,7 @@ def build_dataset(config: PredictConfig, inputs: Inputs, todo: pa.Array, classif
     import ray.data
 
     from cnn.models import model_state
+    from data_prep.decode import Limits
     from workflows import predict_pipeline as pipe
 
     resources = ray.cluster_resources()
@@ -263,7 +264,10 @@ def build_dataset(config: PredictConfig, inputs: Inputs, todo: pa.Array, classif
             batch_format="pyarrow",
             batch_size=None,
             num_cpus=plan.decode_cpus,
-            fn_kwargs={"filesystem": inputs.filesystem, "root": inputs.root, "size": size, "resize": resize},
+            fn_kwargs={
+                "filesystem": inputs.filesystem, "root": inputs.root, "size": size, "resize": resize,
+                "limits": Limits.of(config.max_file_mb, config.max_megapixels),
+            },
         )
     state = ray.put(model_state(classifier.model, classifier.spec))
     ds = ds.map_batches(

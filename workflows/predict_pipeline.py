@@ -6,7 +6,8 @@ Both kinds of INPUT meet in the middle in the shard format: a binary `image` col
 raw uint8 pixels (size x size x 3, RGB), so a prep output skips the decode stage and an
 image folder is decoded with prep's own `decode_image`. Rows that could not be read or
 decoded carry `error` and a null `image` and pass through the model stage untouched, so
-every input yields exactly one output row.
+every input yields exactly one output row, even one whose decoding kills its worker
+(`decode_batch`).
 
 How the work is spread over CPUs matters more than anything else here (measured on a
 2-core machine, see bench/bench_predict.py): the model actors must leave at least one
@@ -25,9 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from data_prep import schema
-from data_prep.decode import UndecodableImage, decode_image
+from data_prep.decode import Limits, UndecodableImage, decode_image, read_file
+from data_prep.isolate import CRASHED, run_isolating
 
 # The output table (docs/architecture.md, Formats); `probabilities` follow the model's classes order.
 OUTPUT_SCHEMA = pa.schema(
@@ -98,33 +101,47 @@ def plan_pool(workers: int, *, gpu: bool, cluster_cpus: float, cluster_gpus: flo
 # --- decode stage (Ray tasks) ------------------------------------------------------------
 
 
-def decode_batch(
-    batch: pa.Table, *, filesystem: pafs.FileSystem, root: str, size: int, resize: str
-) -> pa.Table:
-    """Paths relative to `root` -> `image` (raw pixels, null on error) and `error`."""
-    images: list[bytes | None] = []
-    errors: list[str | None] = []
-    for rel in batch.column("path").to_pylist():
+def decode_files(
+    paths: list[str], *, filesystem: pafs.FileSystem, root: str, size: int, resize: str, limits: Limits
+) -> list[tuple[bytes | None, str | None]]:
+    """Paths relative to `root` -> (raw pixels, None), or (None, why not) for each."""
+    out: list[tuple[bytes | None, str | None]] = []
+    for rel in paths:
         try:
-            with filesystem.open_input_stream(f"{root}/{rel}") as src:
-                data = src.read()
+            data = read_file(filesystem, f"{root}/{rel}", max_bytes=limits.max_bytes)
+            decoded = decode_image(data, size=size, resize=resize, max_pixels=limits.max_pixels)
+        except UndecodableImage as exc:  # also a file over the size cap, never read
+            out.append((None, str(exc)))
         except OSError as exc:
-            images.append(None)
-            errors.append(f"unreadable: {exc}")
-            continue
-        try:
-            decoded = decode_image(data, size=size, resize=resize)
-        except UndecodableImage as exc:
-            images.append(None)
-            errors.append(str(exc))
-            continue
-        images.append(decoded.pixels.tobytes())
-        errors.append(None)
+            out.append((None, f"unreadable: {exc}"))
+        else:
+            out.append((decoded.pixels.tobytes(), None))
+    return out
+
+
+_decode_files = ray.remote(decode_files)
+
+
+def decode_batch(batch: pa.Table, **options: Any) -> pa.Table:
+    """Paths relative to `root` -> `image` (raw pixels, null on error) and `error`.
+
+    The files are decoded in a task of their own so that one that kills its worker (a
+    codec crash, the OOM killer) is found and becomes an error row (data_prep/isolate.py)
+    instead of failing this block, which Ray Data would retry forever (its tasks' default;
+    Ray 2.60 sets their retries only through the deprecated `ray_remote_args`, and a task
+    lost with its node should be retried). That task asks Ray for no CPU and runs on this
+    node: this Ray Data task holds the CPU and waits for it.
+    """
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    decode = _decode_files.options(num_cpus=0, max_retries=0, scheduling_strategy=here)
+    results, poison = run_isolating(lambda part: decode.remote(list(part), **options), batch.column("path").to_pylist())
+    for k in poison:
+        results[k] = (None, CRASHED)
     return pa.table(
         {
             "path": batch.column("path"),
-            "image": pa.array(images, pa.binary()),
-            "error": pa.array(errors, pa.string()),
+            "image": pa.array([image for image, _ in results], pa.binary()),
+            "error": pa.array([error for _, error in results], pa.string()),
         }
     )
 

@@ -28,6 +28,7 @@ from workflows.terminal import plain, text
 
 
 def run(config: PrepConfig) -> int:
+    from data_prep.decode import Limits
     from data_prep.pipeline import check_paths, prepare  # imports Ray: only when prep runs
     from data_prep.scan import PrepError
 
@@ -53,6 +54,7 @@ def run(config: PrepConfig) -> int:
                 labels=config.labels,
                 unlabeled=config.unlabeled,
                 rows_per_shard=config.rows_per_shard,
+                limits=Limits.of(config.max_file_mb, config.max_megapixels),
                 options=to_dict(config),
                 on_progress=on_progress,
             )

@@ -34,6 +34,9 @@ from cnn.inference import class_probabilities
 from cnn.models import ModelSpec, model_from_state
 from cnn.transforms import Normalize
 from data_prep.decode import UndecodableImage, decode_image
+from workflows.config import DEFAULT_MAX_MEGAPIXELS
+
+MAX_PIXELS = int(DEFAULT_MAX_MEGAPIXELS * 1_000_000)  # predict's default pixel budget, for the same rows
 
 WEIGHTS = "weights.pt"
 PREPROCESSING = "preprocessing.json"
@@ -75,7 +78,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         images, errors = [], []
         for data in model_input["image"]:
             try:
-                images.append(decode_image(data, size=size, resize=resize).pixels)
+                images.append(decode_image(data, size=size, resize=resize, max_pixels=MAX_PIXELS).pixels)
                 errors.append(None)
             except UndecodableImage as exc:  # a row with its reason, never a silent drop
                 images.append(None)

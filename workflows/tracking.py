@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -45,6 +46,7 @@ from workflows.errors import CnnflowError
 from workflows.pyfunc_model import PREPROCESSING, WEIGHTS, normalizer, read_model_files, test_time_augmentation
 
 MODEL_NAME = "model"  # the logged model's name inside its run
+RUN_ID = re.compile(r"[a-zA-Z0-9][\w-]{0,255}")  # MLflow's run id format
 FAILURE_TAG = "failure_reason"
 REGISTERED_TAG = "registered_version"  # on the run: "NAME/VERSION"
 LOGGED_MODEL_TAG = "logged_model_uri"  # on the run: the model it logged (models:/m-...)
@@ -169,6 +171,21 @@ def ensure_experiment(name: str, *, artifact_location: str | None = None) -> str
     return c.create_experiment(name, artifact_location=artifact_location)
 
 
+def literal(value: str) -> str:
+    """`value` as a string in an MLflow search filter.
+
+    MLflow's filter syntax has no escape character: it takes what lies between the outer
+    quotes verbatim. So a value with a single quote goes in double quotes, and one with
+    both kinds cannot be expressed at all (cnnflow's own names never hold a quote:
+    workflows/config.py refuses them).
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise CnnflowError(f"{value!r} holds both kinds of quote; MLflow's search syntax cannot match it")
+
+
 def finished_run_id(experiment: str, run_name: str) -> str | None:
     """The latest FINISHED run of that name in the experiment, if any."""
     exp = client().get_experiment_by_name(experiment)
@@ -176,7 +193,7 @@ def finished_run_id(experiment: str, run_name: str) -> str | None:
         return None
     found = client().search_runs(
         [exp.experiment_id],
-        filter_string=f"attributes.run_name = '{_name(run_name)}' and attributes.status = 'FINISHED'",
+        filter_string=f"attributes.run_name = {literal(_name(run_name))} and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -298,7 +315,7 @@ def _registered(name: str) -> Any:
 
 
 def versions(name: str) -> list[int]:
-    return sorted(int(v.version) for v in client().search_model_versions(f"name = '{name}'"))
+    return sorted(int(v.version) for v in client().search_model_versions(f"name = {literal(name)}"))
 
 
 def get_version(name: str, version: int) -> ModelVersion:
@@ -381,7 +398,9 @@ def _resolve_version(name: str, version: str) -> str:
 
 def _resolve_run(uri: str) -> str:
     run_id = uri[len("runs:/") :].split("/")[0]
-    found = client().search_model_versions(f"run_id = '{run_id}'")
+    if not RUN_ID.fullmatch(run_id):  # before it goes into a filter, and with a clearer error than MLflow's
+        raise CnnflowError(f"{uri!r} does not name a run: expected runs:/RUN_ID/model, RUN_ID of letters, digits, '_' and '-'")
+    found = client().search_model_versions(f"run_id = {literal(run_id)}")
     if not found:
         raise CnnflowError(f"no registered model version comes from run {run_id}; predict needs a registered model")
     mv = max(found, key=lambda v: int(v.version))
@@ -434,6 +453,7 @@ def load_classifier(model_uri: str) -> Classifier:
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: its UI nests a child under the parent
 CHILD_KEY_TAG = "child_key"  # on a child: what names it within its parent (a Tune trial id)
 MAX_CHILDREN = 1000  # children read back per parent (one page of search_runs)
+MAX_RESULTS = 50_000  # the most one search_runs call may ask for (MLflow refuses more)
 
 
 def use_tracking_uri(uri: str) -> None:
@@ -534,7 +554,7 @@ def _children(parent_run_id: str) -> list[Any]:
     experiment_id = c.get_run(parent_run_id).info.experiment_id
     return c.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+        filter_string=f"tags.`{PARENT_TAG}` = {literal(parent_run_id)}",
         order_by=["attributes.start_time ASC"],
         max_results=MAX_CHILDREN,
     )
@@ -571,7 +591,7 @@ def latest_run(experiment: str, tags: Mapping[str, str], *, unfinished: bool = F
     exp = client().get_experiment_by_name(experiment)
     if exp is None:
         return None
-    conditions = [f"tags.`{k}` = '{v}'" for k, v in redacted(dict(tags)).items()]  # stored redacted
+    conditions = [f"tags.`{k}` = {literal(v)}" for k, v in redacted(dict(tags)).items()]  # stored redacted; keys are cnnflow's constants
     if unfinished:
         conditions.append("attributes.status != 'FINISHED'")
     found = client().search_runs(
@@ -613,7 +633,7 @@ def list_runs(experiment: str, max_runs: int) -> list[dict[str, Any]]:
         for child in c.search_runs(
             [found.experiment_id],
             filter_string=f"tags.`{PARENT_TAG}` IS NOT NULL and attributes.start_time >= {oldest}",
-            max_results=MAX_CHILDREN * max(1, len(runs)),
+            max_results=min(MAX_RESULTS, MAX_CHILDREN * max(1, len(runs))),
             order_by=["attributes.start_time ASC"],
         ):
             children.setdefault(child.data.tags[PARENT_TAG], []).append(child)

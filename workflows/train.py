@@ -29,7 +29,7 @@ from cnn.models import ModelSpec, build_model, model_from_state
 from cnn.summary import summarize
 from data_prep.schema import TRAIN, VAL, join, pixels, read_manifest, resolve
 from workflows import __version__, tracking
-from workflows.config import TrainConfig, budget_epochs, model_options, to_dict
+from workflows.config import TrainConfig, budget_epochs, check_model_name, model_options, to_dict
 from workflows.errors import CnnflowError
 from workflows.promote import Decision, Evaluation, evaluate, promote
 from workflows.pyfunc_model import preprocessing_from_manifest
@@ -77,6 +77,8 @@ def plan(config: TrainConfig) -> Plan:
     except ValueError as exc:
         raise CnnflowError(f"model {config.model!r} on {spec.image_size} px images: {exc}") from None
     register_as = config.register_as or PurePosixPath(data.rstrip("/")).name
+    if not config.register_as:  # the default comes from a folder name: MLflow's rules apply to it too
+        check_model_name(register_as, "the registered model name (DATA's folder name; choose one with --register-as)")
     epochs = config.epochs or budget_epochs(int(rows[TRAIN]), config.batch_size * config.workers)
     tta = config.tta if config.hflip else "none"  # a mirror is only the same image to a model trained on mirrors
     return Plan(config, data, manifest, spec, register_as, epochs, tta)
