@@ -18,3 +18,21 @@ def test_each_new_epoch_is_printed_once_and_a_resume_is_announced(mlflow_uri: st
     assert lines[0] == "resuming from the checkpoint of epoch 1"
     assert [line.split()[1] for line in lines[1:]] == ["2/3", "3/3"]
     assert "val_acc 0.950" in lines[1]
+
+
+def test_the_moving_average_forgets_the_random_start_in_a_short_run() -> None:
+    import torch
+    from torch import nn
+
+    from workflows.train_loop import moving_average
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = moving_average(model, 0.999)
+    ema.update_parameters(model)  # the first update copies the weights
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    for _ in range(300):
+        ema.update_parameters(model)
+    # A fixed 0.999 would keep 0.999**300 = 74% of the start; the ramped decay keeps < 5%.
+    assert torch.allclose(ema.module[0].weight, torch.ones(2, 2), atol=0.01)
+    assert int(ema.module[1].num_batches_tracked) == int(model[1].num_batches_tracked)
