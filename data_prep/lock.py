@@ -20,9 +20,9 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from datetime import datetime
-from typing import Any, ContextManager
+from typing import Any
 
 from data_prep import safety
 from data_prep.scan import PrepError
@@ -96,7 +96,7 @@ def _holder(path: str) -> dict[str, Any] | None:
     return None
 
 
-def output_lock(output: str) -> ContextManager[None]:
+def output_lock(output: str) -> AbstractContextManager[None]:
     """One job writes into a local OUTPUT at a time; a second is refused with one line.
 
     Taken after the INPUT/OUTPUT check and before anything else is written (the folder is
