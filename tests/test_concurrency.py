@@ -1,6 +1,7 @@
-"""Several cnnflow commands at once: one writer per OUTPUT.
+"""Several cnnflow commands at once: one writer per OUTPUT, and a new SQLite store that
+several commands create together.
 
-Real processes, real flock; Ray only where a real `cnnflow prep` runs.
+Real processes, real flock, real SQLite MLflow; Ray only where a real `cnnflow prep` runs.
 """
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,7 @@ from click.testing import CliRunner
 from data_prep.lock import LOCK_FILE, output_lock
 from data_prep.pipeline import check_paths
 from data_prep.schema import read_manifest
-from workflows import prep
+from workflows import prep, tracking
 from workflows.cli import cli
 from workflows.config import PrepConfig
 from workflows.predict import Output
@@ -115,3 +119,76 @@ def test_lock_on_a_missing_output_leaves_no_folder_behind(tmp_path):
     with output_lock(str(out)):
         assert (out / LOCK_FILE).exists()
     assert not out.exists()
+
+
+# --- a new SQLite store, several commands at once --------------------------------------------
+
+STORE_USER = """\
+import os, sys, time
+from pathlib import Path
+from workflows import tracking
+
+ready, go = Path(sys.argv[1] + ".ready"), Path(sys.argv[2])
+ready.touch()
+while not go.exists():
+    time.sleep(0.01)
+with tracking.training_run(experiment="tests", run_name=sys.argv[1], params={"who": sys.argv[1]}, tags={}) as run_id:
+    tracking.log_metrics(run_id, {"x": 1.0})
+print(tracking.registered_names())
+"""
+
+
+def test_three_commands_at_once_create_a_new_store_together(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = tmp_path / "user.py"
+    script.write_text(STORE_USER)
+    go = tmp_path / "go"
+    procs = [
+        python(str(script), str(tmp_path / f"p{i}"), str(go), cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri},
+               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for i in range(3)
+    ]  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"p{i}.ready").exists() for i in range(3)):  # imports done: start together
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    go.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    for proc, (stdout, stderr) in zip(procs, results):
+        assert proc.returncode == 0, stderr
+        assert stdout.strip() == "[]"
+
+    # The store works: every run is there, finished, in the one experiment they created.
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        rows = tracking.list_runs("tests", max_runs=10)
+        assert sorted(r["name"] for r in rows) == [str(tmp_path / f"p{i}") for i in range(3)]
+        assert {r["status"] for r in rows} == {"FINISHED"}
+        assert sorted(e.name for e in tracking.client(uri).search_experiments()) == ["Default", "tests"]
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    assert not list(tmp_path.glob("*.lock"))
+
+
+def test_writes_are_retried_while_sqlite_says_database_is_locked(tmp_path):
+    db = tmp_path / "x.db"
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("create table t (x)")
+    other.execute("begin exclusive")  # another writer, for 0.3 s
+    threading.Timer(0.3, other.execute, ["commit"]).start()
+    attempts = []
+
+    def write() -> None:
+        attempts.append(time.monotonic())
+        with sqlite3.connect(db, timeout=0) as conn:  # timeout=0: "database is locked" at once
+            conn.execute("insert into t values (1)")
+
+    tracking.retry_locked(write)
+    assert len(attempts) > 1
+    assert sqlite3.connect(db).execute("select count(*) from t").fetchone() == (1,)
+
+    # Other errors are not retried.
+    attempts.clear()
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        tracking.retry_locked(lambda: attempts.append(1) or sqlite3.connect(db).execute("select * from nope"))
+    assert attempts == [1]
