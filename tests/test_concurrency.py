@@ -1,5 +1,5 @@
-"""Several cnnflow commands at once: one writer per OUTPUT, and a new SQLite store that
-several commands create together.
+"""Several cnnflow commands at once: one writer per OUTPUT, promotions that cannot end on
+the worse model, and a new SQLite store that several commands create together.
 
 Real processes, real flock, real SQLite MLflow; Ray only where a real `cnnflow prep` runs.
 """
@@ -16,16 +16,23 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.dataset as pads
 import pytest
+import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
+from cnn.models import ModelSpec, build_model, model_state
 from data_prep.lock import LOCK_FILE, output_lock
 from data_prep.pipeline import check_paths
-from data_prep.schema import read_manifest
+from data_prep.schema import TRAIN, join, pixels, read_manifest
+from tests.test_train import prepare
 from workflows import prep, tracking
 from workflows.cli import cli
 from workflows.config import PrepConfig
 from workflows.predict import Output
+from workflows.promote import evaluate, promote
+from workflows.pyfunc_model import normalizer, preprocessing_from_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDER = """\
@@ -119,6 +126,74 @@ def test_lock_on_a_missing_output_leaves_no_folder_behind(tmp_path):
     with output_lock(str(out)):
         assert (out / LOCK_FILE).exists()
     assert not out.exists()
+
+
+# --- promotion -----------------------------------------------------------------------------
+
+
+def register(data: Path, name: str, *, steps: int, seed: int) -> int:
+    """A new version of the tutorial-sized model, trained `steps` full-batch Adam steps."""
+    manifest = read_manifest(str(data))
+    preprocessing = preprocessing_from_manifest(manifest)
+    spec = ModelSpec("seed", len(manifest["classes"]), manifest["image_size"])
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    table = pads.dataset(join(str(data), TRAIN), format="parquet").to_table(columns=["image", "label"])
+    x = normalizer(preprocessing)(torch.from_numpy(pixels(table["image"], manifest["image_size"]).copy()))
+    y = torch.tensor(table["label"].to_numpy(), dtype=torch.long)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+    with tracking.training_run(experiment="tests", run_name=f"steps-{steps}", params={}, tags={}) as run_id:
+        uri = tracking.log_model(run_id, state=model_state(model, spec), preprocessing=preprocessing)
+        version = tracking.register_model(run_id, uri, register_as=name, version_tags={"data": str(data)})
+    return int(version.version)
+
+
+def accuracy(data: Path, name: str, version: int) -> float:
+    classifier = tracking.load_classifier(f"models:/{name}/{version}")
+    return evaluate(classifier.model, classifier.preprocessing, str(data)).accuracy
+
+
+def test_two_promotions_at_once_end_on_the_better_version(ray_local, mlflow_uri, image_folder, tmp_path):
+    data = prepare(image_folder, tmp_path / "stripes", per_class=30)
+    old = register(data, "stripes", steps=0, seed=1)
+    good = register(data, "stripes", steps=40, seed=2)
+    fair = register(data, "stripes", steps=1, seed=3)
+    acc = {v: accuracy(data, "stripes", v) for v in (old, good, fair)}
+    assert acc[old] < acc[fair] < acc[good], acc  # both beat the champion; one beats the other
+    assert promote("stripes", old).promoted
+
+    # Both read champion `old`, evaluate it, and would each move the alias: unserialised,
+    # whichever finished last won. Now the second decides only after the first has.
+    start = threading.Barrier(2)
+    decisions, errors = {}, []
+
+    def promote_at_once(version: int) -> None:
+        try:
+            start.wait()
+            decisions[version] = promote("stripes", version)
+        except BaseException as exc:  # noqa: BLE001 - reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote_at_once, args=(v,)) for v in (fair, good)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+    assert tracking.champion("stripes") == good
+    # Whichever went second compared with what the first left as champion.
+    first, second = sorted(decisions.values(), key=lambda d: d.champion_version != old)
+    assert first.champion_version == old and first.promoted
+    assert second.champion_version == first.version
+    assert second.promoted == (second.version == good)
+    tags = tracking.get_version("stripes", second.version).tags
+    assert tags["promotion_champion_version"] == str(first.version)
 
 
 # --- a new SQLite store, several commands at once --------------------------------------------
