@@ -33,6 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from data_prep import safety, schema
+from data_prep.lock import output_lock
 from data_prep.scan import PrepError, normalize_uri, scan
 from data_prep.redact import redact_uri
 from workflows.config import PredictConfig
@@ -53,15 +54,19 @@ PART_NAME = re.compile(r"\.?part-(\d{8}T\d{6}-[0-9a-f]{6})-\d{5}\.(?:parquet|csv
 
 
 def run(config: PredictConfig) -> int:
+    try:  # refusals come before the model loads or Ray starts, and before anything is written
+        safety.check_apart(config.input, config.output)
+        with output_lock(config.output):  # one job at a time writes OUTPUT (data_prep/lock.py)
+            return _run(config, Output(config.output, config.format))
+    except PrepError as exc:
+        raise CnnflowError(str(exc)) from None
+
+
+def _run(config: PredictConfig, output: Output) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from workflows.ray_runtime import ray_session
 
-    try:  # refusals come before the model loads or Ray starts, and before anything is written
-        safety.check_apart(config.input, config.output)
-        output = Output(config.output, config.format)
-    except PrepError as exc:
-        raise CnnflowError(str(exc)) from None
     console = Console(stderr=True)
     started = time.perf_counter()
     counts: Counter[str | None] = Counter()  # rows per predicted label; errors under None

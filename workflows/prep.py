@@ -21,6 +21,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from data_prep.lock import output_lock
 from workflows.config import PrepConfig, to_dict
 from workflows.errors import CnnflowError
 from workflows.ray_runtime import ray_session
@@ -28,14 +29,25 @@ from workflows.terminal import plain, text
 
 
 def run(config: PrepConfig) -> int:
-    from data_prep.decode import Limits
-    from data_prep.pipeline import check_paths, prepare  # imports Ray: only when prep runs
+    from data_prep.pipeline import check_paths  # imports Ray: only when prep runs
     from data_prep.scan import PrepError
 
-    try:  # a refusal (INPUT and OUTPUT overlap, OUTPUT not ours) comes before Ray starts
+    # Refusals (INPUT and OUTPUT overlap, OUTPUT not ours, another job writing there) come
+    # before Ray starts; prepare() checks OUTPUT again once this job holds its lock.
+    try:
         check_paths(config.input, config.output)
+        with output_lock(config.output):
+            result = _prepare(config)
     except PrepError as exc:
         raise CnnflowError(str(exc)) from None
+    print_summary(Console(), result.manifest, result.report)
+    return 0
+
+
+def _prepare(config: PrepConfig) -> Any:
+    from data_prep.decode import Limits
+    from data_prep.pipeline import prepare
+
     console = Console(stderr=True)
     with ray_session(config, dashboard=False, ray_data=False), _progress(console) as progress:
         task = progress.add_task("scanning", total=None)
@@ -43,25 +55,20 @@ def run(config: PrepConfig) -> int:
         def on_progress(done: int, total: int) -> None:
             progress.update(task, description="decoding", completed=done, total=total)
 
-        try:
-            result = prepare(
-                config.input,
-                config.output,
-                image_size=config.image_size,
-                resize=config.resize,
-                val_fraction=config.val_fraction,
-                seed=config.seed,
-                labels=config.labels,
-                unlabeled=config.unlabeled,
-                rows_per_shard=config.rows_per_shard,
-                limits=Limits.of(config.max_file_mb, config.max_megapixels),
-                options=to_dict(config),
-                on_progress=on_progress,
-            )
-        except PrepError as exc:
-            raise CnnflowError(str(exc)) from None
-    print_summary(Console(), result.manifest, result.report)
-    return 0
+        return prepare(
+            config.input,
+            config.output,
+            image_size=config.image_size,
+            resize=config.resize,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+            labels=config.labels,
+            unlabeled=config.unlabeled,
+            rows_per_shard=config.rows_per_shard,
+            limits=Limits.of(config.max_file_mb, config.max_megapixels),
+            options=to_dict(config),
+            on_progress=on_progress,
+        )
 
 
 def _progress(console: Console) -> Progress:

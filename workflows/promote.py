@@ -2,8 +2,17 @@
 
 The candidate version and the current champion are evaluated here, on the same
 validation split of the same prepared data (streamed from its shards), and the alias
-moves only if the candidate's accuracy is >= the champion's. Both scores are recorded as
-tags on the candidate version, whatever the outcome. `evaluate` is also what the train
+moves only if the candidate's accuracy is >= the champion's. Both scores, and which
+version it was compared with, are recorded as tags on the candidate version, whatever
+the outcome.
+
+MLflow has no compare-and-set on an alias, so two promotions at once could each beat the
+old champion and the slower one win, whatever its score. The decision is serialised: a
+lock beside a SQLite store makes a second promotion wait for the first, and the champion
+is read again just before the alias moves; if it changed during the evaluation (a store
+on a server, where no file lock reaches the other clients), the candidate is compared with
+the new one, and so on. On a server a window of milliseconds between that last read and
+the alias write remains: MLflow offers nothing to close it. `evaluate` is also what the train
 driver uses for the confusion matrix and per-class figures of a finished run.
 """
 from __future__ import annotations
@@ -19,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnn.inference import class_probabilities
+from data_prep.lock import describe
 from data_prep.redact import HIDDEN
 from data_prep.schema import VAL, join, pixels, read_manifest, resolve
 from workflows import tracking
@@ -28,6 +38,7 @@ from workflows.pyfunc_model import normalizer, test_time_augmentation
 
 EVAL_BATCH = 256
 MAX_MISCLASSIFIED = 25  # images kept for the run's misclassified.png grid
+MAX_RECHECKS = 5  # champions compared with before giving up (each is one evaluation)
 
 
 @dataclass
@@ -124,13 +135,15 @@ def promote(
             raise CnnflowError(f"{uri} was trained on {data}; pass --data DATA with its credentials")
     if candidate is None:
         candidate = _evaluate_version(uri, data)
-    current = tracking.champion(name)
-    champion_accuracy = None
-    if current is not None and current != version:
-        champion_accuracy = _evaluate_version(f"models:/{name}/{current}", data).accuracy
-    elif current == version:
-        champion_accuracy = candidate.accuracy
-    promoted = current != version and (champion_accuracy is None or candidate.accuracy >= champion_accuracy)
+
+    def wait(holder: dict | None) -> None:
+        click.echo(f"promote: waiting for another promotion to decide ({describe(holder)})", err=True)
+
+    with tracking.store_lock(tracking.resolved_tracking_uri(), "promote", on_busy=wait):
+        current, champion_accuracy = _champion_score(name, version, candidate, data)
+        promoted = current != version and (champion_accuracy is None or candidate.accuracy >= champion_accuracy)
+        if promoted:
+            tracking.set_champion(name, version)
     tracking.tag_version(
         name,
         version,
@@ -142,9 +155,25 @@ def promote(
             "promoted": str(promoted or current == version).lower(),
         },
     )
-    if promoted:
-        tracking.set_champion(name, version)
     return Decision(name, version, candidate.accuracy, current, champion_accuracy, promoted or current == version)
+
+
+def _champion_score(name: str, version: int, candidate: Evaluation, data: str) -> tuple[int | None, float | None]:
+    """(champion version, its accuracy on DATA), read again after each evaluation until it
+    stays put: the champion this decision compares with is the one the alias still names."""
+    scores = {version: candidate.accuracy}
+    current = tracking.champion(name)
+    for _ in range(MAX_RECHECKS):
+        if current is not None and current not in scores:
+            scores[current] = _evaluate_version(f"models:/{name}/{current}", data).accuracy
+        latest = tracking.champion(name)
+        if latest == current:
+            return current, None if current is None else scores[current]
+        current = latest  # another promotion moved the alias meanwhile
+    raise CnnflowError(
+        f"the champion of {name!r} moved {MAX_RECHECKS} times while v{version} was compared with it; "
+        "run `cnnflow promote` again when the other promotions are done"
+    )
 
 
 def _evaluate_version(uri: str, data: str) -> Evaluation:

@@ -10,18 +10,24 @@ Every write passes through `data_prep.redact`: a URI's credentials (`s3://KEY:SE
 in an option, a manifest, an error) never reach a param, tag or artifact, and
 `run_url`/`ui_hint` show the tracking URI without its own. The server's login comes from
 MLflow's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (cluster.yaml sets them).
+
+Several commands may share one store. A new SQLite store is created by one process at a
+time (`_store_ready`), and every call through `client()` (and the fluent calls here) is
+retried when SQLite answers "database is locked" (`retry_locked`).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
+import random
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,7 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
@@ -41,6 +48,7 @@ from torch import nn
 from cnn.inference import class_probabilities
 from data_prep.redact import redact_uri, redacted
 from cnn.models import ModelSpec
+from data_prep.lock import hold
 from workflows.config import CHAMPION_ALIAS, tracking_uri
 from workflows.errors import CnnflowError
 from workflows.pyfunc_model import PREPROCESSING, WEIGHTS, normalizer, read_model_files, test_time_augmentation
@@ -121,6 +129,7 @@ def use_tracking() -> str:
     uri = resolved_tracking_uri()
     check_reachable(uri)
     _quiet_run_links()
+    _store_ready(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
@@ -133,8 +142,83 @@ def _quiet_run_links() -> None:
 
 
 def client(uri: str | None = None) -> MlflowClient:
+    """An MlflowClient for `uri` (default: the resolved one) whose calls are `retry_locked`."""
     uri = uri or resolved_tracking_uri()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    _store_ready(uri)
+    return _Retrying(MlflowClient(tracking_uri=uri, registry_uri=uri))  # type: ignore[return-value]
+
+
+# --- one store, several commands ---------------------------------------------------------
+
+LOCKED_ATTEMPTS = 6  # ~0.1 + 0.2 + ... + 1.6 s of pauses (x1-2, jittered) before giving up
+
+
+def store_lock(uri: str, purpose: str, *, on_busy: Callable[[dict | None], None]) -> AbstractContextManager[None]:
+    """A lock beside a local SQLite store (`mlflow.db.cnnflow-PURPOSE.lock`), held for a block.
+
+    Other stores get none (a context that does nothing): a tracking server's clients
+    share no file system, and a server serialises its own database writes.
+    `on_busy(holder)` runs when another process holds it; the block then waits its turn.
+    """
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    db = uri[len("sqlite:///") :].split("?")[0]
+    if not os.path.isdir(os.path.dirname(db) or "."):
+        return nullcontext()  # MLflow will say that the folder is missing
+    return hold(f"{db}.cnnflow-{purpose}.lock", on_busy=on_busy)
+
+
+@functools.lru_cache(maxsize=None)
+def _store_ready(uri: str) -> None:
+    """Open the store once per process; a new SQLite store is created by one process at a time.
+
+    MLflow creates a SQLite store's tables and runs its alembic migrations when a process
+    first opens it. Three commands doing that at once on a new file failed half-way
+    ("Online migration expected to match one row") and left it unusable. Under the lock
+    the first creates the tables; the others then find them complete and skip that.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    with store_lock(uri, "init", on_busy=lambda holder: None):
+        raw = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        retry_locked(raw.search_experiments, max_results=1)  # opens the tracking store
+        retry_locked(raw.search_registered_models, max_results=1)  # and the registry's
+
+
+def retry_locked(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call(*args, **kwargs)`, again after a short pause while SQLite says "database is locked".
+
+    MLflow lets SQLite wait 20 s for a lock, but SQLite answers "locked" at once when two
+    transactions would deadlock (a reader turning writer while another writes). MLflow
+    rolls a failed transaction back whole, so calling again is safe.
+    """
+    for attempt in range(LOCKED_ATTEMPTS):
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if attempt == LOCKED_ATTEMPTS - 1 or not _database_locked(exc):
+                raise
+            time.sleep(0.1 * 2**attempt * (1 + random.random()))
+
+
+def _database_locked(exc: BaseException | None) -> bool:
+    """sqlite3's OperationalError, as such or wrapped by SQLAlchemy and then MLflow."""
+    while exc is not None:
+        if "database is locked" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class _Retrying:
+    """An MlflowClient whose every method goes through `retry_locked`."""
+
+    def __init__(self, inner: MlflowClient):
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        return functools.partial(retry_locked, attr) if callable(attr) else attr
 
 
 def ui_hint(uri: str) -> str:
@@ -154,8 +238,10 @@ def training_run(*, experiment: str, run_name: str | None, params: Mapping[str, 
     The run is this process's active run too, so `log_model` can attach the model to it.
     """
     use_tracking()
-    mlflow.set_experiment(experiment)
-    run = mlflow.start_run(run_name=_name(run_name), tags=redacted(dict(tags)))
+    # Not mlflow.set_experiment: when another command creates the experiment at the same
+    # moment, it returns without making it active, and the run would land in "Default".
+    experiment_id = ensure_experiment(experiment)
+    run = retry_locked(mlflow.start_run, experiment_id=experiment_id, run_name=_name(run_name), tags=redacted(dict(tags)))
     run_id = run.info.run_id
     with _ends_with_status(run_id):
         _log_params(params)
@@ -168,7 +254,12 @@ def ensure_experiment(name: str, *, artifact_location: str | None = None) -> str
     existing = c.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
-    return c.create_experiment(name, artifact_location=artifact_location)
+    try:
+        return c.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as exc:  # another command created it since we looked
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return c.get_experiment_by_name(name).experiment_id
 
 
 def literal(value: str) -> str:
@@ -288,8 +379,8 @@ def register_model(run_id: str, model_uri: str, *, register_as: str, version_tag
     # mlflow.register_model prints "Successfully registered model ..." to stderr itself;
     # cnnflow's own line says which version was registered.
     with contextlib.redirect_stderr(io.StringIO()):
-        version = mlflow.register_model(
-            model_uri, register_as, tags={k: redact_uri(str(v)) for k, v in version_tags.items()}
+        version = retry_locked(
+            mlflow.register_model, model_uri, register_as, tags={k: redact_uri(str(v)) for k, v in version_tags.items()}
         )
     set_tags(run_id, {REGISTERED_TAG: f"{register_as}/{version.version}"})
     return version
@@ -477,10 +568,10 @@ def _ends_with_status(run_id: str) -> Iterator[None]:
     except BaseException as exc:
         status = RunStatus.to_string(RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED)
         client().set_tag(run_id, FAILURE_TAG, redact_uri(f"{type(exc).__name__}: {exc}")[:4000])
-        mlflow.end_run(status)
+        retry_locked(mlflow.end_run, status)
         raise
     else:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+        retry_locked(mlflow.end_run, RunStatus.to_string(RunStatus.FINISHED))
 
 
 def _clear_failure(run_id: str) -> None:
@@ -491,7 +582,7 @@ def _clear_failure(run_id: str) -> None:
 
 
 def _log_params(params: Mapping[str, Any]) -> None:
-    mlflow.log_params({k: "" if v is None else v for k, v in redacted(dict(params)).items()})
+    retry_locked(mlflow.log_params, {k: "" if v is None else v for k, v in redacted(dict(params)).items()})
 
 
 def _name(run_name: str | None) -> str | None:
@@ -508,12 +599,12 @@ def parent_run(
     instead of created: a resumed search goes on under the parent it started with.
     """
     use_tracking()
-    mlflow.set_experiment(experiment)
+    experiment_id = ensure_experiment(experiment)  # not mlflow.set_experiment: see training_run
     if run_id is None:
-        run_id = mlflow.start_run(run_name=_name(run_name), tags=redacted(dict(tags))).info.run_id
+        run_id = retry_locked(mlflow.start_run, experiment_id=experiment_id, run_name=_name(run_name), tags=redacted(dict(tags))).info.run_id
         _log_params(params)
     else:
-        mlflow.start_run(run_id=run_id, tags=redacted(dict(tags)))
+        retry_locked(mlflow.start_run, run_id=run_id, tags=redacted(dict(tags)))
         _clear_failure(run_id)
     with _ends_with_status(run_id):
         yield run_id
@@ -532,12 +623,13 @@ def child_run(
     use_tracking()
     existing = child_run_ids(parent_run_id).get(key)
     if existing:
-        mlflow.start_run(run_id=existing)
+        retry_locked(mlflow.start_run, run_id=existing)
         run_id = existing
         _clear_failure(run_id)
     else:
         experiment_id = client().get_run(parent_run_id).info.experiment_id
-        run = mlflow.start_run(
+        run = retry_locked(
+            mlflow.start_run,
             experiment_id=experiment_id,
             run_name=_name(run_name),
             parent_run_id=parent_run_id,
