@@ -136,7 +136,7 @@ def test_readme_demo_command_runs_the_whole_flow(tmp_path: Path) -> None:
     assert re.search(r"^epoch 1/\d+  train_loss", out, re.M), out  # printed by the driver
     # The terminal is the user's: none of Ray's or MLflow's own lines (they need --verbose).
     terminal = out + result.stderr
-    for noise in ("execution finished", "core_worker.cc", "RayDeprecationWarning", "INFO mlflow",
+    for noise in ("execution finished", "core_worker.cc", "RayDeprecationWarning", "INFO mlflow", "Downloading artifacts",
                   "Successfully registered", "Token authentication"):  # fmt: skip
         assert noise not in terminal, terminal[-3000:]
 

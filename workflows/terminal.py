@@ -52,5 +52,7 @@ def quiet_libraries(verbose: bool) -> None:
 
     level = "INFO" if verbose else "WARNING"
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", level)
+    if not verbose:  # its tqdm bars for every artifact download (tracking.load_classifier)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
