@@ -206,7 +206,7 @@ def test_same_seed_same_metrics_and_the_best_epoch_is_registered(ray_local, mlfl
 
 @pytest.mark.parametrize(
     ("train_rows", "global_batch", "epochs"),
-    [(100, 64, 30), (1600, 64, 30), (4800, 64, 20), (6400, 64, 15), (1_000_000, 64, 10), (12800, 128, 15)],
+    [(100, 64, 24), (1600, 64, 24), (4800, 64, 20), (6400, 64, 15), (1_000_000, 64, 10), (12800, 128, 15)],
 )
 def test_epoch_budget_gives_small_sets_steps_and_large_sets_no_waste(train_rows, global_batch, epochs):
     assert budget_epochs(train_rows, global_batch) == epochs
