@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any
 
 from data_prep import safety
+from data_prep.redact import redact_uri
 from data_prep.scan import PrepError
 
 LOCK_FILE = ".cnnflow-lock"  # inside a local OUTPUT, while a job writes there
@@ -108,7 +109,7 @@ def output_lock(output: str) -> AbstractContextManager[None]:
     if kind != "local":
         return nullcontext()
     if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(f"output {safety.redact(output)} is a file; give a folder")
+        raise NotADirectoryError(f"output {redact_uri(output)} is a file; give a folder")
     return _output_lock(output, path)
 
 
@@ -119,7 +120,7 @@ def _output_lock(output: str, path: str) -> Iterator[None]:
 
     def refuse(holder: dict[str, Any] | None) -> None:
         raise PrepError(
-            f"output {safety.redact(output)} is in use by another cnnflow job ({describe(holder)}); "
+            f"output {redact_uri(output)} is in use by another cnnflow job ({describe(holder)}); "
             "wait for it to end or choose another output (nothing was written)"
         )
 
