@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -32,7 +33,19 @@ COMMANDS: dict[str, tuple[type, str]] = {
 }
 
 # What a user can fix themselves: shown as one line, without a traceback unless --debug.
-USER_ERRORS = (CnnflowError, cfg.ConfigError, FileNotFoundError, NotADirectoryError, PermissionError)
+# OSError covers what a file system or object store says: a missing file or bucket, an
+# unreachable S3 endpoint, refused credentials, a full disk.
+USER_ERRORS = (CnnflowError, cfg.ConfigError, OSError)
+
+
+def user_message(exc: BaseException) -> str:
+    """The error as one line; an S3 error also names the endpoint it went to."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    message = lines[-1] if lines else type(exc).__name__  # an error raised in a Ray task ends with its cause
+    if "AWS Error" in message:  # pyarrow's S3 errors
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS's own (AWS_ENDPOINT_URL is not set)"
+        message += f" [S3 endpoint: {endpoint}]"
+    return message
 
 
 def _click_type(hint: Any) -> Any:
@@ -107,7 +120,7 @@ def _make_command(name: str, config_cls: type, target: str) -> click.Command:
         except USER_ERRORS as exc:
             if debug:
                 traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {user_message(exc)}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
