@@ -3,7 +3,8 @@
 `ray_session(options)` joins the Ray a stage should use, in Ray's own order: a Ray that
 is already initialised in this process (a test, a notebook), `--address`, `RAY_ADDRESS`
 (set by `ray job submit`), the cluster of the last `ray start` on this machine, else a
-new local Ray sized by `--num-cpus`. It shuts down only a Ray it started itself.
+new local Ray sized by `--num-cpus`. It shuts down only a Ray it started itself. The S3
+settings of the driver's environment (`S3_ENV`) go to every worker of the job.
 """
 from __future__ import annotations
 
@@ -33,17 +34,26 @@ def ray_session(options: RayOptions, *, dashboard: bool = True, ray_data: bool =
     address = options.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         check_listening(address)
+    init = dict(
+        address=address,
+        num_cpus=None if address else options.num_cpus,
+        include_dashboard=None if address or dashboard else False,
+        logging_level=logging.WARNING,
+        # Ray's libraries log every dataset execution and training report at INFO in
+        # every worker; the stages print their own progress, so only warnings pass.
+        logging_config=ray.LoggingConfig(log_level="WARNING"),
+        log_to_driver=True,
+    )
+    forwarded = s3_env()
     try:
-        ray.init(
-            address=address,
-            num_cpus=None if address else options.num_cpus,
-            include_dashboard=None if address or dashboard else False,
-            logging_level=logging.WARNING,
-            # Ray's libraries log every dataset execution and training report at INFO in
-            # every worker; the stages print their own progress, so only warnings pass.
-            logging_config=ray.LoggingConfig(log_level="WARNING"),
-            log_to_driver=True,
-        )
+        try:
+            ray.init(**init, runtime_env={"env_vars": forwarded} if forwarded else None)
+        except ValueError as exc:
+            # Inside `ray job submit`, Ray refuses a variable that the job's own runtime env
+            # sets too; that one already reaches every worker, so the job's env stands.
+            if not forwarded or "runtime env" not in str(exc):
+                raise
+            ray.init(**init)
     except ConnectionError as exc:
         where = address or "the address of the last `ray start` on this machine"
         raise CnnflowError(
@@ -57,6 +67,25 @@ def ray_session(options: RayOptions, *, dashboard: bool = True, ray_data: bool =
     finally:
         _stop_autoscaler_monitor()
         ray.shutdown()
+
+
+# What points pyarrow's and boto3's S3 clients at an endpoint, with credentials (README,
+# "Object storage"). A local Ray's workers inherit them; a cluster's workers run in the
+# environment of their own node, so the job carries them there.
+S3_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+
+
+def s3_env() -> dict[str, str]:
+    """This process's S3 settings, for every worker of the Ray job (its runtime env)."""
+    return {name: os.environ[name] for name in S3_ENV if os.environ.get(name)}
 
 
 def _stop_autoscaler_monitor() -> None:
