@@ -40,8 +40,11 @@ USER_ERRORS = (CnnflowError, cfg.ConfigError, OSError)
 
 def user_message(exc: BaseException) -> str:
     """The error as one line; an S3 error also names the endpoint it went to."""
+    if not isinstance(exc, OSError):
+        return str(exc)
+    # One raised in a Ray task comes with the task's traceback: its last line is the cause.
     lines = [line for line in str(exc).splitlines() if line.strip()]
-    message = lines[-1] if lines else type(exc).__name__  # an error raised in a Ray task ends with its cause
+    message = lines[-1] if lines else type(exc).__name__
     if "AWS Error" in message:  # pyarrow's S3 errors
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS's own (AWS_ENDPOINT_URL is not set)"
         message += f" [S3 endpoint: {endpoint}]"
