@@ -51,7 +51,7 @@ def temp_name(name: str) -> str:
     return f".{name}.tmp"
 
 
-def write_atomic(uri: str, payload: bytes) -> None:
+def write_atomic(uri: str, payload: bytes | pa.Buffer) -> None:
     """Replace the file at `uri` at once: a reader sees the old bytes or the new, never part.
 
     Written under `temp_name` in the same folder, then renamed over the target (a rename
@@ -89,7 +89,7 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     """The manifest of a `cnnflow prep` output; a clear error if DATA is not one."""
     try:
         manifest = read_json(join(data_dir, MANIFEST))
-    except (FileNotFoundError, OSError) as exc:
+    except FileNotFoundError as exc:  # other OSErrors (an unreachable S3 endpoint) speak for themselves
         raise FileNotFoundError(
             f"{data_dir} is not a `cnnflow prep` output (no {MANIFEST}: {exc}); "
             f"run `cnnflow prep IMAGES {data_dir}` first"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -34,7 +35,9 @@ COMMANDS: dict[str, tuple[type, str]] = {
 }
 
 # What a user can fix themselves: shown as one line, without a traceback unless --debug.
-USER_ERRORS = (CnnflowError, cfg.ConfigError, FileNotFoundError, NotADirectoryError, PermissionError)
+# OSError covers what a file system or object store says: a missing file or bucket, an
+# unreachable S3 endpoint, refused credentials, a full disk.
+USER_ERRORS = (CnnflowError, cfg.ConfigError, OSError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -45,7 +48,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def one_line(exc: BaseException) -> str:
-    """The error's message on one line; MLflow's prefixed, so the user knows who refused."""
+    """The error's message on one line. MLflow's are prefixed, so the user knows who refused;
+    an OSError raised in a Ray task comes with the task's traceback, whose last line is the
+    cause; pyarrow's S3 errors also name the endpoint they went to."""
+    if isinstance(exc, OSError):
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        message = lines[-1].strip() if lines else type(exc).__name__
+        if "AWS Error" in message:
+            endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS's own (AWS_ENDPOINT_URL is not set)"
+            message += f" [S3 endpoint: {endpoint}]"
+        return message
     message = getattr(exc, "message", None) if type(exc).__module__.startswith("mlflow") else None
     text = " ".join(str(message if message is not None else exc).split())
     return f"MLflow: {text}" if message is not None else text

@@ -5,8 +5,9 @@
 
 The driver consumes the pipeline's output itself: rows are small (a path, a label, a few
 floats), so it can count them for the summary and show progress as they come, and it
-writes each part file under a hidden name first and renames it when complete, so a run
-that dies leaves only whole files behind and the next run resumes from them.
+writes each part file whole (data_prep/schema.py's write_atomic: aside and renamed on a
+local disk, one upload on S3), so a run that dies leaves only whole files behind and the
+next run resumes from them.
 
 OUTPUT is claimed with cnnflow's marker (data_prep/safety.py), which names the runs whose
 part files are there: a rerun reads, resumes from or (with --overwrite) deletes those
@@ -49,8 +50,9 @@ SECONDS_PER_FILE = 60.0
 LOG_EVERY_S = 30.0  # progress lines when stderr is not a terminal (ray job logs)
 SHARD_SPLITS = (schema.TRAIN, schema.VAL, schema.UNLABELED)
 STAGE = "predict"  # the marker's `written_by` is "cnnflow predict"
-# part-<run id>-<n>.<format>, the run id from Output.__init__; a leading dot while being written
-PART_NAME = re.compile(r"\.?part-(\d{8}T\d{6}-[0-9a-f]{6})-\d{5}\.(?:parquet|csv)")
+# part-<run id>-<n>.<format>, the run id from Output.__init__. While being written on a
+# local disk: .part-...<format>.tmp (schema.temp_name); .part-...<format> from older runs.
+PART_NAME = re.compile(r"\.?part-(\d{8}T\d{6}-[0-9a-f]{6})-\d{5}\.(?:parquet|csv)(?:\.tmp)?")
 
 
 def run(config: PredictConfig) -> int:
@@ -314,7 +316,7 @@ def _tally(batch: pa.Table) -> Counter[str | None]:
 
 
 class Output:
-    """OUTPUT: part files written whole (hidden name, then renamed), and summary.json.
+    """OUTPUT: part files written whole (schema.write_atomic), and summary.json.
 
     Building one only reads: it finds the runs whose part files are in OUTPUT (`runs`) and
     refuses an OUTPUT that holds anything cnnflow predict did not write. `claim` then
@@ -431,13 +433,16 @@ class Output:
             return
         table = pa.concat_tables(self.pending)
         name = f"{PART_PREFIX}{self.run_id}-{self.written:05d}.{self.fmt}"
-        final, hidden = schema.join(self.root, name), schema.join(self.root, "." + name)
-        with self.fs.open_output_stream(hidden) as out:
-            if self.fmt == "parquet":
-                pq.write_table(table, out)
-            else:  # CSV has no lists: probabilities as a JSON-style array per row
-                pacsv.write_csv(_csv_ready(table), out)
-        self.fs.move(hidden, final)
+        # Encoded in memory first (no bigger than the rows already held), then written
+        # whole by write_atomic: aside and renamed on a local disk; on S3, which has no
+        # rename, as one upload that is published only when complete. An error while
+        # encoding then never leaves a half-written object under a final name.
+        out = pa.BufferOutputStream()
+        if self.fmt == "parquet":
+            pq.write_table(table, out)
+        else:  # CSV has no lists: probabilities as a JSON-style array per row
+            pacsv.write_csv(_csv_ready(table), out)
+        schema.write_atomic(schema.join(self.uri, name), out.getvalue())
         self.written += 1
         self.pending, self.pending_rows, self.opened = [], 0, time.monotonic()
 

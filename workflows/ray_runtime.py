@@ -3,7 +3,8 @@
 `ray_session(options)` joins the Ray a stage should use, in Ray's own order: a Ray that
 is already initialised in this process (a test, a notebook), `--address`, `RAY_ADDRESS`
 (set by `ray job submit`), the cluster of the last `ray start` on this machine, else a
-new local Ray sized by `--num-cpus`. It shuts down only a Ray it started itself.
+new local Ray sized by `--num-cpus`. It shuts down only a Ray it started itself. The S3
+settings of the driver's environment (`S3_ENV`) go to every worker of the job.
 """
 from __future__ import annotations
 
@@ -46,19 +47,28 @@ def ray_session(options: RayOptions, *, dashboard: bool = True, ray_data: bool =
 
 
 def _connected(ray: Any, options: RayOptions, address: str | None, *, dashboard: bool, ray_data: bool) -> Iterator[None]:
+    init = dict(
+        address=address,
+        num_cpus=None if address else options.num_cpus,
+        include_dashboard=None if address or dashboard else False,
+        # The terminal is the user's: the stages print their own progress (train's epoch
+        # lines come from the driver, read back from MLflow), so workers' output and
+        # Ray's driver warnings (e.g. the token-authentication notice) stay in Ray's
+        # log folder (/tmp/ray/session_latest/logs) unless --verbose asks for them.
+        logging_level=logging.WARNING if options.verbose else logging.ERROR,
+        logging_config=ray.LoggingConfig(log_level="WARNING" if options.verbose else "ERROR"),
+        log_to_driver=options.verbose,
+    )
+    forwarded = s3_env()
     try:
-        ray.init(
-            address=address,
-            num_cpus=None if address else options.num_cpus,
-            include_dashboard=None if address or dashboard else False,
-            # The terminal is the user's: the stages print their own progress (train's epoch
-            # lines come from the driver, read back from MLflow), so workers' output and
-            # Ray's driver warnings (e.g. the token-authentication notice) stay in Ray's
-            # log folder (/tmp/ray/session_latest/logs) unless --verbose asks for them.
-            logging_level=logging.WARNING if options.verbose else logging.ERROR,
-            logging_config=ray.LoggingConfig(log_level="WARNING" if options.verbose else "ERROR"),
-            log_to_driver=options.verbose,
-        )
+        try:
+            ray.init(**init, runtime_env={"env_vars": forwarded} if forwarded else None)
+        except ValueError as exc:
+            # Inside `ray job submit`, Ray refuses a variable that the job's own runtime env
+            # sets too; that one already reaches every worker, so the job's env stands.
+            if not forwarded or "runtime env" not in str(exc):
+                raise
+            ray.init(**init)
     except ConnectionError as exc:
         where = address or "the address of the last `ray start` on this machine"
         raise CnnflowError(
@@ -108,6 +118,25 @@ def native_stderr_to(path: Path) -> Iterator[None]:
         os.close(terminal_fd)
         if path.stat().st_size == 0:  # ours, and nothing in it
             path.unlink()
+
+
+# What points pyarrow's and boto3's S3 clients at an endpoint, with credentials (README,
+# "Object storage"). A local Ray's workers inherit them; a cluster's workers run in the
+# environment of their own node, so the job carries them there.
+S3_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+
+
+def s3_env() -> dict[str, str]:
+    """This process's S3 settings, for every worker of the Ray job (its runtime env)."""
+    return {name: os.environ[name] for name in S3_ENV if os.environ.get(name)}
 
 
 def _stop_autoscaler_monitor() -> None:
