@@ -115,3 +115,12 @@ def test_the_search_space_is_around_the_given_options_and_builds(image_folder, t
 def test_bad_tune_options_say_what_is_allowed(values: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         TuneConfig(data="d", **values)
+
+
+def test_asha_waits_for_the_warm_up_unless_told() -> None:
+    from workflows.tune import grace_epochs
+
+    assert grace_epochs(TuneConfig(data="d"), base_epochs=24, epochs=36) == 8  # 0.3 x 24, rounded up
+    assert grace_epochs(TuneConfig(data="d"), base_epochs=4, epochs=6) == 3  # at least 3
+    assert grace_epochs(TuneConfig(data="d", grace_epochs=2), base_epochs=24, epochs=36) == 2
+    assert grace_epochs(TuneConfig(data="d", grace_epochs=50), base_epochs=24, epochs=36) == 36
