@@ -193,7 +193,7 @@ def bench_set(name: str, args: argparse.Namespace, run: Runner, help_text: str |
     print(f"[{name}] prep {prep_s:.1f} s: {len(train_files):,} files in the train split at {size} px")
 
     defaults, plain = [], []
-    for seed in range(args.repeat):
+    for seed in range(0 if args.tune_only else args.repeat):
         command = ["train", str(shards), "--register-as", f"bench-{name}", "--experiment", EXPERIMENT]
         command += ["--seed", str(seed)] if seed else []  # seed 0 is the default: no flag at all
         d = train_and_predict(run, name, heldout_dir, n_heldout, work, command, f"bench-{name}",
@@ -208,6 +208,8 @@ def bench_set(name: str, args: argparse.Namespace, run: Runner, help_text: str |
         plain.append(p)
         print(f"[{name}] plain seed {seed}: held-out {p['accuracy']:.4f}, {p['seconds']:.1f} s")
     result["defaults"], result["plain"] = summarise(defaults), summarise(plain)
+    if args.tune_only:
+        result["defaults"] = result["plain"] = {"skipped": True}
 
     if args.skip_tune:
         result["tune"] = {"skipped": True}
@@ -339,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the file counts (0.1: smoke test)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cnnflow-bench-quality")
     parser.add_argument("--skip-tune", action="store_true", help="leave out `cnnflow tune`")
+    parser.add_argument("--tune-only", action="store_true", help="leave out defaults and plain")
     parser.add_argument("--trials", type=int, default=None, help="cnnflow tune --trials (default: tune's)")
     parser.add_argument("--time-budget", type=float, default=None, help="cnnflow tune --time-budget, seconds (default: tune's)")
     parser.add_argument("--repeat", type=int, default=1, help="train defaults and plain with seeds 0..K-1")
