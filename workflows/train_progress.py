@@ -30,8 +30,9 @@ class EpochLines:
     is announced once, from the `resumed_from_epoch` tag rank 0 sets.
     """
 
-    def __init__(self, uri: str, run_id: str, epochs: int, echo: Callable[[str], None], every_s: float = 1.0):
-        self.uri, self.run_id, self.epochs, self.echo, self.every_s = uri, run_id, epochs, echo, every_s
+    def __init__(self, uri: str, run_id: str, epochs: int, echo: Callable[[str], None], every_s: float = 2.0):
+        self.run_id, self.epochs, self.echo, self.every_s = run_id, epochs, echo, every_s
+        self.client = tracking.client(uri)
         self.printed: set[int] = set()
         self.resumed: str | None = None
         self._stop = threading.Event()
@@ -56,17 +57,19 @@ class EpochLines:
                 pass
 
     def _logged(self) -> list[dict[int, float]]:
-        c = tracking.client(self.uri)
-        return [{m.step: m.value for m in c.get_metric_history(self.run_id, key)} for key in KEYS]
+        return [{m.step: m.value for m in self.client.get_metric_history(self.run_id, key)} for key in KEYS]
 
     def _tags(self) -> dict[str, str]:
-        return tracking.client(self.uri).get_run(self.run_id).data.tags
+        return self.client.get_run(self.run_id).data.tags
 
     def poll(self) -> None:
+        # Two queries per look while nothing is new: the driver shares the cores with training.
         resumed = self._tags().get("resumed_from_epoch")
         if resumed and resumed != self.resumed:
             self.resumed = resumed
             self.echo(f"resuming from the checkpoint of epoch {resumed}")
+        if not {m.step for m in self.client.get_metric_history(self.run_id, KEYS[-1])} - self.printed:
+            return
         history = self._logged()
         complete = set.intersection(*(set(h) for h in history))  # rank 0 logs all keys in one batch
         for epoch in sorted(complete - self.printed):
