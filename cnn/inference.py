@@ -21,6 +21,12 @@ BF16_MARGIN = 0.25
 TTA_MODES = ("none", "flip")
 
 
+def test_time_augmentation(preprocessing: dict) -> str:
+    """The model's TTA as its preprocessing.json records it; models logged before it was
+    recorded scored plain views."""
+    return preprocessing.get("tta", "none")
+
+
 def for_inference(model: nn.Module) -> nn.Module:
     """An eval-mode copy with every BatchNorm folded into the convolution before it.
 

@@ -178,7 +178,7 @@ class Scorer:
     ) -> None:
         import torch
 
-        from cnn.inference import class_probabilities, for_inference, mixed_probabilities
+        from cnn.inference import class_probabilities, for_inference, mixed_probabilities, test_time_augmentation
         from cnn.models import model_from_state
         from cnn.transforms import Normalize
 
@@ -197,7 +197,7 @@ class Scorer:
         self.classes = pa.array(preprocessing["classes"], pa.string())
         self.size = int(preprocessing["image_size"])
         self.model_uri = model_uri
-        self.tta = preprocessing.get("tta", "none")  # as validation scored it (pyfunc_model.py)
+        self.tta = test_time_augmentation(preprocessing)  # as validation scored it
         # bf16 on a GPU that has it; on CPU the pyfunc model's float32, so scores match it.
         bf16 = gpu and torch.cuda.is_bf16_supported()
         self.forward = mixed_probabilities if bf16 else class_probabilities

@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnn.inference import class_probabilities
+from cnn.inference import class_probabilities, test_time_augmentation
 from data_prep.lock import describe
 from data_prep.redact import HIDDEN
 from data_prep.schema import VAL, join, pixels, read_manifest, resolve
 from workflows import tracking
 from workflows.config import CHAMPION_ALIAS, PromoteConfig
 from workflows.errors import CnnflowError
-from workflows.pyfunc_model import normalizer, test_time_augmentation
+from workflows.pyfunc_model import normalizer
 
 EVAL_BATCH = 256
 MAX_MISCLASSIFIED = 25  # images kept for the run's misclassified.png grid

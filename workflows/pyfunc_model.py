@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from cnn.inference import class_probabilities
+from cnn.inference import class_probabilities, test_time_augmentation
 from cnn.models import ModelSpec, model_from_state
 from cnn.transforms import Normalize
 from data_prep.decode import UndecodableImage, decode_image
@@ -46,10 +46,6 @@ PREPROCESSING_KEYS = ("classes", "image_size", "resize", "mean", "std")
 def preprocessing_from_manifest(manifest: dict[str, Any], *, tta: str = "none") -> dict[str, Any]:
     """What prediction must repeat exactly: classes, size, resize mode, mean, std and tta."""
     return {**{key: manifest[key] for key in PREPROCESSING_KEYS}, "tta": tta}
-
-
-def test_time_augmentation(preprocessing: dict[str, Any]) -> str:
-    return preprocessing.get("tta", "none")
 
 
 def read_model_files(weights: str | Path, preprocessing: str | Path) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:

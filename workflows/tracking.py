@@ -45,13 +45,13 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
 from torch import nn
 
-from cnn.inference import class_probabilities
+from cnn.inference import class_probabilities, test_time_augmentation
 from data_prep.redact import redact_uri, redacted
 from cnn.models import ModelSpec
 from data_prep.lock import hold
 from workflows.config import CHAMPION_ALIAS, tracking_uri
 from workflows.errors import CnnflowError
-from workflows.pyfunc_model import PREPROCESSING, WEIGHTS, normalizer, read_model_files, test_time_augmentation
+from workflows.pyfunc_model import PREPROCESSING, WEIGHTS, normalizer, read_model_files
 
 MODEL_NAME = "model"  # the logged model's name inside its run
 RUN_ID = re.compile(r"[a-zA-Z0-9][\w-]{0,255}")  # MLflow's run id format
