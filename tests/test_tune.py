@@ -79,15 +79,18 @@ def trial(trial_id: str, epochs: int) -> SimpleNamespace:
 
 
 def test_asha_stops_a_trailing_trial_but_not_at_its_last_epoch() -> None:
-    asha = EarlyStopping(base_epochs=9, time_attr="epoch", metric="val_acc", mode="max", max_t=9, grace_period=1, reduction_factor=3)
-    leader, trailing, done = trial("a_00000", 9), trial("a_00001", 9), trial("a_00002", 1)
+    asha = EarlyStopping(grace=0.5, metric="val_acc", mode="max")
+    leader, trailing, done = trial("a_00000", 8), trial("a_00001", 16), trial("a_00002", 2)
     for t in (leader, trailing, done):
         asha.on_trial_add(None, t)
-    assert asha.on_trial_result(None, leader, {"epoch": 1, "val_acc": 0.9}) == "CONTINUE"
-    assert asha.on_trial_result(None, trailing, {"epoch": 1, "val_acc": 0.5}) == "STOP"
-    # A one-epoch trial trailing at the same rung is already done training: it goes on to
-    # its evaluation and logged model instead.
-    assert asha.on_trial_result(None, done, {"epoch": 1, "val_acc": 0.4}) == "CONTINUE"
+    # Trials are compared at the same share of their own schedule, not the same epoch.
+    assert asha.on_trial_result(None, leader, {"epoch": 3, "progress": 3 / 8, "val_acc": 0.9}) == "CONTINUE"
+    assert asha.on_trial_result(None, leader, {"epoch": 4, "progress": 4 / 8, "val_acc": 0.9}) == "CONTINUE"
+    assert asha.on_trial_result(None, trailing, {"epoch": 4, "progress": 4 / 16, "val_acc": 0.5}) == "CONTINUE"
+    assert asha.on_trial_result(None, trailing, {"epoch": 8, "progress": 8 / 16, "val_acc": 0.5}) == "STOP"
+    # A trial trailing at its last epoch is already done training: it goes on to its
+    # evaluation and logged model instead.
+    assert asha.on_trial_result(None, done, {"epoch": 2, "progress": 1.0, "val_acc": 0.4}) == "CONTINUE"
 
 
 def test_the_search_space_is_around_the_given_options_and_builds(image_folder, tmp_path, ray_local) -> None:
@@ -97,8 +100,8 @@ def test_the_search_space_is_around_the_given_options_and_builds(image_folder, t
     # 16 px halves to 1 px in 4 stages: depth 5 would not build and is left out.
     assert space["depth"].categories == [3, 4]
     assert space["width"].categories == [4, 8, 16]
-    assert space["epochs"].categories == [2, 4, 6]
-    assert (space["lr"].lower, space["lr"].upper) == pytest.approx((0.0025, 0.04))
+    assert space["epochs"].categories == [4, 6, 8]
+    assert (space["lr"].lower, space["lr"].upper) == pytest.approx((0.005, 0.02))
     assert "weight_decay" not in space  # zero stays zero
     assert described["max_shift"] == "choice 0, 0.0625, 0.125, 0.1875"
 
@@ -115,12 +118,3 @@ def test_the_search_space_is_around_the_given_options_and_builds(image_folder, t
 def test_bad_tune_options_say_what_is_allowed(values: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         TuneConfig(data="d", **values)
-
-
-def test_asha_waits_for_the_warm_up_unless_told() -> None:
-    from workflows.tune import grace_epochs
-
-    assert grace_epochs(TuneConfig(data="d"), base_epochs=24, epochs=36) == 8  # 0.3 x 24, rounded up
-    assert grace_epochs(TuneConfig(data="d"), base_epochs=4, epochs=6) == 3  # at least 3
-    assert grace_epochs(TuneConfig(data="d", grace_epochs=2), base_epochs=24, epochs=36) == 2
-    assert grace_epochs(TuneConfig(data="d", grace_epochs=50), base_epochs=24, epochs=36) == 36

@@ -271,7 +271,8 @@ def train_loop(config_dict: dict[str, Any]) -> None:
                     os.path.join(tmp, CHECKPOINT_FILE),
                 )
                 saved = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "epoch": epoch}, checkpoint=saved)
+            # progress: the share of this run's schedule done, what a search's ASHA compares at
+            ray.train.report({**metrics, "epoch": epoch, "progress": epoch / cfg.epochs}, checkpoint=saved)
         if rank == 0:
             # Log only once the controller has committed this checkpoint (report returns
             # before that): from then on a restart resumes at epoch + 1, never repeats it.
