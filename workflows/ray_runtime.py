@@ -34,7 +34,7 @@ def ray_session(options: RayOptions, *, dashboard: bool = True, ray_data: bool =
 
     if ray.is_initialized():
         if ray_data:
-            configure_ray_data()
+            configure_ray_data(verbose=options.verbose)
         yield
         return
     address = options.address or os.environ.get("RAY_ADDRESS") or None
@@ -77,10 +77,9 @@ def _connected(ray: Any, options: RayOptions, address: str | None, *, dashboard:
         ) from None
     try:
         if ray_data:
-            configure_ray_data()
+            configure_ray_data(verbose=options.verbose)
         yield
     finally:
-        _stop_autoscaler_monitor()
         ray.shutdown()
 
 
@@ -139,24 +138,6 @@ def s3_env() -> dict[str, str]:
     return {name: os.environ[name] for name in S3_ENV if os.environ.get(name)}
 
 
-def _stop_autoscaler_monitor() -> None:
-    """SIGKILL the autoscaler monitor of the local Ray this process started.
-
-    Ray 2.60's shutdown stops the GCS before the monitor, whose SIGTERM handler then
-    blocks on the dead GCS until Ray SIGKILLs it a second later: a second of every job.
-    A local Ray has nothing for its monitor to finish, so it goes first. Private API, so
-    a Ray without it just takes the slow path.
-    """
-    import ray
-
-    try:
-        node = ray._private.worker._global_node
-        monitor = ray._private.ray_constants.PROCESS_TYPE_MONITOR
-        node._kill_process_type(monitor, allow_graceful=False, check_alive=False)
-    except Exception:  # noqa: BLE001 - only an optimisation; ray.shutdown() stops it anyway
-        pass
-
-
 def check_listening(address: str, timeout_s: float = 5.0) -> None:
     """A quick TCP probe of a host:port address: Ray itself retries a dead one for minutes."""
     if "://" in address or ":" not in address:  # ray://, http://, "auto", "local": Ray's to resolve
@@ -171,7 +152,7 @@ def check_listening(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def configure_ray_data() -> None:
+def configure_ray_data(*, verbose: bool = False) -> None:
     """Ray Data settings that measured better for cnnflow's pipelines.
 
     The default resource reservation holds CPUs back per operator; on a small machine it
@@ -180,17 +161,16 @@ def configure_ray_data() -> None:
     own dataset (workflows/predict.py).
 
     Progress bars and per-execution log lines are Ray Data's; the stages print their own
-    progress, so Ray Data's terminal output is cut to warnings (its log file,
-    ray-data.log in the session's logs, still has everything).
+    progress, so Ray Data's terminal output is cut to errors unless --verbose (its log
+    file, ray-data.log in the session's logs, still has everything). "console" is the
+    terminal handler of Ray Data's documented default logging config.
     """
     from ray.data import DataContext
-    from ray.util.debug import log_once
 
     context = DataContext.get_current()
     context.op_resource_reservation_enabled = False
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    log_once("ray_data_progress_manager_disabled")  # its notice that we turned the bars off
     for handler in logging.getLogger("ray.data").handlers:
         if handler.name == "console":
-            handler.setLevel(logging.WARNING)
+            handler.setLevel(logging.WARNING if verbose else logging.ERROR)
