@@ -81,16 +81,20 @@ def prepare(
     limits: Limits,  # no default here: the options' defaults live in workflows/config.py
     options: dict[str, Any] | None = None,
     on_progress: Progress | None = None,
+    found: Scan | None = None,
 ) -> PrepResult:
     """Turn INPUT into OUTPUT's shards, manifest.json, report.json and quarantine.csv.
 
-    Needs Ray to be initialised. Raises PrepError (input unusable, every image bad, OUTPUT
+    Needs Ray to be initialised. `found`: INPUT's `scan` with these options, if the
+    caller already made it (the CLI does, before Ray starts, so a wrong INPUT is
+    refused at once). Raises PrepError (input unusable, every image bad, OUTPUT
     overlapping INPUT or holding files prep did not write: see data_prep/safety.py),
     FileNotFoundError or NotADirectoryError (INPUT missing, OUTPUT a file).
     """
     start = time.perf_counter()
     owned = check_paths(input, output)  # before anything is read or written
-    found = scan(input, labels=labels, unlabeled=unlabeled, val_fraction=val_fraction, seed=seed)
+    if found is None:
+        found = scan(input, labels=labels, unlabeled=unlabeled, val_fraction=val_fraction, seed=seed)
     chunks = plan_chunks(found, rows_per_shard=rows_per_shard, seed=seed, cpus=_cluster_cpus())
     out = claim_output(output, owned, shard_files(chunks))
     splits = [UNLABELED] if unlabeled else [TRAIN, VAL]

@@ -30,21 +30,26 @@ from workflows.terminal import plain, text
 
 def run(config: PrepConfig) -> int:
     from data_prep.pipeline import check_paths  # imports Ray: only when prep runs
-    from data_prep.scan import PrepError
+    from data_prep.scan import PrepError, scan
 
-    # Refusals (INPUT and OUTPUT overlap, OUTPUT not ours, another job writing there) come
-    # before Ray starts; prepare() checks OUTPUT again once this job holds its lock.
+    # Refusals (INPUT missing or without images, INPUT and OUTPUT overlap, OUTPUT not
+    # ours, another job writing there) come before Ray starts, which takes seconds;
+    # prepare() checks OUTPUT again once this job holds its lock.
     try:
         check_paths(config.input, config.output)
+        found = scan(
+            config.input, labels=config.labels, unlabeled=config.unlabeled,
+            val_fraction=config.val_fraction, seed=config.seed,
+        )  # fmt: skip
         with output_lock(config.output):
-            result = _prepare(config)
+            result = _prepare(config, found)
     except PrepError as exc:
         raise CnnflowError(str(exc)) from None
     print_summary(Console(), result.manifest, result.report)
     return 0
 
 
-def _prepare(config: PrepConfig) -> Any:
+def _prepare(config: PrepConfig, found: Any) -> Any:
     from data_prep.decode import Limits
     from data_prep.pipeline import prepare
 
@@ -68,6 +73,7 @@ def _prepare(config: PrepConfig) -> Any:
             limits=Limits.of(config.max_file_mb, config.max_megapixels),
             options=to_dict(config),
             on_progress=on_progress,
+            found=found,
         )
 
 
