@@ -1,13 +1,13 @@
 """`cnnflow predict` end to end: real files, real local Ray (2 CPUs), real MLflow registry.
 
-The model is trained once per module on generated stripe patterns (tests/images.py), whose
-class can be read back from the pixels, and registered through tracking's own logging, so
-a prediction can be checked against the truth, not just for shape.
+The model is the session's (tests/conftest.py `trained_flow`): trained on generated stripe
+patterns (tests/images.py), whose class can be read back from the pixels, and registered by
+the real `cnnflow train --promote`, so a prediction can be checked against the truth, not
+just for shape.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,46 +17,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.images import make_image_folder
-from workflows.config import PredictConfig, PrepConfig, TrainConfig
+from workflows.config import PredictConfig
 from workflows.errors import CnnflowError
 
 CLASSES = ("horizontal", "vertical", "checker")
-SIZE = 32
 NAME = "stripes"
 
 
-@dataclass(frozen=True)
-class Trained:
-    uri: str  # models:/NAME/1, the champion
-    prepared: Path  # the `cnnflow prep` output it was trained on
+@pytest.fixture
+def registry(flow_store):
+    """The session's trained flow (tests/conftest.py), MLflow pointed at its store."""
+    return flow_store
 
 
-@pytest.fixture(scope="module")
-def registry(ray_local, tmp_path_factory: pytest.TempPathFactory):
-    """The real flow, once per module: image folder -> cnnflow prep -> cnnflow train --promote."""
-    import mlflow
-
-    from workflows import prep, train
-
-    work = tmp_path_factory.mktemp("flow")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    make_image_folder(work / "train_images", classes=CLASSES, per_class=48, size=(40, 56), seed=0)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        assert prep.run(PrepConfig(input=str(work / "train_images"), output=str(work / "prepared"), image_size=SIZE)) == 0
-        config = TrainConfig(
-            data=str(work / "prepared"), model="simple", width=8, depth=2, epochs=6, batch_size=16, lr=0.01,
-            hflip=False, register_as=NAME, promote=True, storage=str(work / "checkpoints"), experiment="predict-tests",
-        )
-        assert train.run(config) == 0
-        yield Trained(f"models:/{NAME}/1", work / "prepared")
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
-
-
-def register_again(trained: Trained) -> str:
+def register_again(trained) -> str:
     """A second version of the same model (its own version number, same weights)."""
     from workflows import tracking
 

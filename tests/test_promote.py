@@ -13,13 +13,12 @@ from click.testing import CliRunner
 
 from cnn.models import ModelSpec, build_model, model_state
 from data_prep.schema import read_manifest
-from tests.test_train import prepare, small
+from tests.test_train import prepare
 from workflows import tracking
 from workflows.cli import cli
 from workflows.errors import CnnflowError
 from workflows.promote import promote
 from workflows.pyfunc_model import preprocessing_from_manifest
-from workflows.train import run
 
 
 def register_untrained(data: Path, name: str, seed: int) -> int:
@@ -28,16 +27,18 @@ def register_untrained(data: Path, name: str, seed: int) -> int:
     spec = ModelSpec("seed", len(manifest["classes"]), manifest["image_size"])
     torch.manual_seed(seed)
     model = build_model(spec)
-    with tracking.training_run(experiment="tests", run_name=f"untrained-{seed}", params={}, tags={}) as run_id:
-        model_uri = tracking.log_model(
-            run_id, state=model_state(model, spec), preprocessing=preprocessing_from_manifest(manifest)
-        )
+    return register(data, name, f"untrained-{seed}", model_state(model, spec), preprocessing_from_manifest(manifest))
+
+
+def register(data: Path, name: str, run_name: str, state: dict, preprocessing: dict) -> int:
+    with tracking.training_run(experiment="tests", run_name=run_name, params={}, tags={}) as run_id:
+        model_uri = tracking.log_model(run_id, state=state, preprocessing=preprocessing)
         version = tracking.register_model(run_id, model_uri, register_as=name, version_tags={"data": str(data)})
     return int(version.version)
 
 
-def test_champion_moves_only_to_a_model_at_least_as_good(ray_local, mlflow_uri, image_folder, tmp_path):
-    data = prepare(image_folder, tmp_path / "stripes")
+def test_champion_moves_only_to_a_model_at_least_as_good(ray_local, trained_flow, mlflow_uri):
+    data = trained_flow.prepared  # and the session's model trained on it (tests/conftest.py)
     cli_runner = CliRunner()
 
     # No champion yet: the first candidate takes the alias whatever its score.
@@ -46,8 +47,10 @@ def test_champion_moves_only_to_a_model_at_least_as_good(ray_local, mlflow_uri, 
     assert first.promoted and first.champion_version is None
     assert tracking.champion("stripes") == 1
 
-    # A trained model beats it: `train --promote` moves the alias and records both scores.
-    assert run(small(data, tmp_path, promote=True)) == 0
+    # A trained model beats it: the gate moves the alias and records both scores. (The
+    # gate as `train --promote` runs it: the session's flow and the demo.)
+    assert register(data, "stripes", "trained", *trained_flow.weights()) == 2
+    assert promote("stripes", 2).promoted
     assert tracking.champion("stripes") == 2
     tags = tracking.get_version("stripes", 2).tags
     assert float(tags["promotion_val_acc"]) > 0.8

@@ -132,6 +132,7 @@ def read_predictions(bucket: Bucket, prefix: str) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_prep_train_predict_round_trip_on_s3(bucket: Bucket, tmp_path: Path):
     from workflows import predict, prep, train
 

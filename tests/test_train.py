@@ -6,6 +6,7 @@ small enough that a few epochs on 2 CPUs learn them.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -18,6 +19,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from data_prep.schema import read_manifest
@@ -72,10 +74,11 @@ def png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_one_worker_learns_and_the_run_is_complete(ray_local, mlflow_uri, stripes, tmp_path):
-    assert run(small(stripes, tmp_path, run_name="first")) == 0
-    r = only_run()
+def test_one_worker_learns_and_the_run_is_complete(flow_store):
+    # The session's run (tests/conftest.py): stripes at 32 px, 6 epochs, `--promote`.
+    flow = flow_store
     client = tracking.client()
+    r = client.get_run(flow.run_id)
 
     # Learns: loss falls, accuracy well above chance (1/3).
     loss = [v for _, v in tracking.metric_history(r.info.run_id, "train_loss")]
@@ -84,14 +87,14 @@ def test_one_worker_learns_and_the_run_is_complete(ray_local, mlflow_uri, stripe
 
     # One value per epoch per metric, at steps 1..epochs.
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "epoch_time_s"):
-        assert [s for s, _ in tracking.metric_history(r.info.run_id, key)] == [1, 2, 3, 4], key
+        assert [s for s, _ in tracking.metric_history(r.info.run_id, key)] == [1, 2, 3, 4, 5, 6], key
 
     assert r.info.status == "FINISHED" and r.info.run_name == "first"
-    for key, value in {"model": "simple", "epochs": "4", "batch_size": "16", "workers": "1", "register_as": "stripes"}.items():
+    for key, value in {"model": "simple", "epochs": "6", "batch_size": "16", "workers": "1", "register_as": "stripes"}.items():
         assert r.data.params[key] == value
     assert set(TrainConfig.__dataclass_fields__) <= set(r.data.params)
     tags = r.data.tags
-    manifest = read_manifest(str(stripes))
+    manifest = read_manifest(str(flow.prepared))
     content_hash = manifest["content_hash"]
     assert tags["content_hash"] == content_hash and tags["classes"] == ",".join(manifest["classes"])
     assert tags["device"] == "cpu" and tags["workers"] == "1" and tags["ray_version"]
@@ -103,7 +106,7 @@ def test_one_worker_learns_and_the_run_is_complete(ray_local, mlflow_uri, stripe
     per_class = mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/per_class.json")
     assert set(per_class["classes"]) == set(CLASSES)
 
-    # Registered as the data folder's name, tagged; loadable as plain PyTorch and as pyfunc.
+    # Registered as --register-as, tagged; loadable as plain PyTorch and as pyfunc.
     version = client.get_model_version("stripes", "1")
     assert version.tags["run_id"] == r.info.run_id and version.tags["content_hash"] == content_hash
     assert float(version.tags["val_acc"]) > 0.8
@@ -120,6 +123,7 @@ def test_one_worker_learns_and_the_run_is_complete(ray_local, mlflow_uri, stripe
     assert np.allclose([sum(p) for p in out["probabilities"][:12]], 1.0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_two_workers_learn_and_a_killed_worker_resumes_from_its_checkpoint(ray_local, mlflow_uri, image_folder, tmp_path, monkeypatch):
     data = prepare(image_folder, tmp_path / "bigger", per_class=200)
     pid_file = tmp_path / "worker.pid"
@@ -166,6 +170,7 @@ def test_errors_come_before_any_worker_or_run(ray_local, mlflow_uri, stripes, tm
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
+@pytest.mark.slow
 def test_a_failed_job_ends_its_run_failed_with_the_reason(ray_local, mlflow_uri, stripes, tmp_path):
     # Shards whose rows do not match the manifest's image size fail inside the workers.
     manifest_path = stripes / "manifest.json"
@@ -179,29 +184,27 @@ def test_a_failed_job_ends_its_run_failed_with_the_reason(ray_local, mlflow_uri,
     assert "expected 192 (8x8x3)" in r.data.tags["failure_reason"]
 
 
-def test_same_seed_same_metrics_and_the_best_epoch_is_registered(ray_local, mlflow_uri, stripes, tmp_path):
-    # A high learning rate with no warm-up to speak of makes validation accuracy move
-    # about between epochs, so "best" and "last" can differ.
-    options = dict(epochs=3, lr=0.05, warmup=0.05, seed=3, register_as="repeat")
-    for name in ("a", "b"):
-        assert run(small(stripes, tmp_path, run_name=name, **options)) == 0
-    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["tests"], output_format="list")}
-    histories = {
-        name: {key: tracking.metric_history(r.info.run_id, key) for key in ("train_loss", "val_loss", "val_acc")}
-        for name, r in runs.items()
-    }
-    assert histories["a"] == histories["b"]  # epoch by epoch, to the last bit
+def test_same_seed_same_metrics_and_the_best_epoch_is_registered(trained_flow, mlflow_uri, tmp_path):
+    # The session's run again, same options and --seed, into a store of its own.
+    flow = trained_flow
+    assert run(dataclasses.replace(flow.config, run_name="again", storage=str(tmp_path / "checkpoints"))) == 0
+    keys = ("train_loss", "val_loss", "val_acc")
+    first_client = MlflowClient(tracking_uri=flow.tracking_uri, registry_uri=flow.tracking_uri)
+    first = {k: [(m.step, m.value) for m in first_client.get_metric_history(flow.run_id, k)] for k in keys}
+    again_run = mlflow.search_runs(experiment_names=["flow"], output_format="list")[0]
+    again = {k: tracking.metric_history(again_run.info.run_id, k) for k in keys}
+    assert again == first  # epoch by epoch, to the last bit
 
-    client = tracking.client()
-    for version, name in ((1, "a"), (2, "b")):
-        mv = client.get_model_version("repeat", str(version))
-        val_acc = dict(histories[name]["val_acc"])
+    for client, run_id in ((first_client, flow.run_id), (tracking.client(), again_run.info.run_id)):
+        mv = client.get_model_version("stripes", "1")
+        assert mv.tags["run_id"] == run_id
+        val_acc = dict((m.step, m.value) for m in client.get_metric_history(run_id, "val_acc"))
         best = max(val_acc.values())
         # The registered weights are those of an epoch with the best validation accuracy,
         # and scoring them again on the whole split gives that epoch's accuracy.
         assert val_acc[int(mv.tags["best_epoch"])] == best
         assert float(mv.tags["val_acc"]) == pytest.approx(best, abs=1e-6)
-        assert runs[name].data.tags["best_epoch"] == mv.tags["best_epoch"]
+        assert client.get_run(run_id).data.tags["best_epoch"] == mv.tags["best_epoch"]
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ def prepare(image_folder, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_two_trials_make_a_parent_two_children_and_register_the_better(ray_local, mlflow_uri, image_folder, tmp_path):
     data = prepare(image_folder, tmp_path / "stripes")
     config = TuneConfig(
