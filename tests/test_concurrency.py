@@ -32,7 +32,7 @@ from workflows.cli import cli
 from workflows.config import PrepConfig
 from workflows.predict import Output
 from workflows.promote import evaluate, promote
-from workflows.pyfunc_model import normalizer, preprocessing_from_manifest
+from workflows.tracking.pyfunc_model import normalizer, preprocessing_from_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDER = """\

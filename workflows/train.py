@@ -31,8 +31,8 @@ from data_prep.schema import TRAIN, VAL, join, pixels, read_manifest, resolve
 from workflows import __version__, tracking
 from workflows.config import TrainConfig, budget_epochs, check_model_name, model_options, to_dict
 from workflows.errors import CnnflowError
-from workflows.promote import Decision, Evaluation, evaluate, promote
-from workflows.pyfunc_model import preprocessing_from_manifest
+from workflows.promote import Evaluation, evaluate, promote
+from workflows.tracking.pyfunc_model import preprocessing_from_manifest
 from workflows.ray_runtime import ray_session
 from workflows.train_progress import EpochLines
 from workflows.train_loop import CHECKPOINT_FILE, PID_FILE_ENV, LoopConfig, train_loop
@@ -197,7 +197,7 @@ def train_and_log(
     return Trained(run_id, model_uri, evaluation, int(state["epoch"]))
 
 
-def register(p: Plan, trained: Trained) -> tuple[int, Decision | None]:
+def register(p: Plan, trained: Trained) -> tuple[int, tracking.Decision | None]:
     """A new version of `register_as` from the trained model; with --promote, the gate."""
     version = tracking.register_model(
         trained.run_id,
