@@ -36,7 +36,8 @@ def registry(ray_local, tmp_path_factory: pytest.TempPathFactory):
     """The real flow, once per module: image folder -> cnnflow prep -> cnnflow train --promote."""
     import mlflow
 
-    from workflows import prep, train
+    from workflows import prep
+    from workflows.train import driver as train
 
     work = tmp_path_factory.mktemp("flow")
     uri = f"sqlite:///{work / 'mlflow.db'}"

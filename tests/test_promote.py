@@ -19,7 +19,7 @@ from workflows.cli import cli
 from workflows.errors import CnnflowError
 from workflows.promote import promote
 from workflows.tracking.pyfunc_model import preprocessing_from_manifest
-from workflows.train import run
+from workflows.train.driver import run
 
 
 def register_untrained(data: Path, name: str, seed: int) -> int:

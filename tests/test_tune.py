@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from workflows import prep, tracking
 from workflows.cli import cli
 from workflows.config import ConfigError, PrepConfig, TuneConfig
-from workflows.train import plan
+from workflows.train.plan import plan
 from workflows.tune import STOPPED_TAG, EarlyStopping, run, search_space
 
 CLASSES = ("horizontal", "vertical", "checker")

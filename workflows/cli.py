@@ -25,7 +25,7 @@ from workflows.terminal import quiet_libraries
 # subcommand -> (config class, "module:function" that runs it)
 COMMANDS: dict[str, tuple[type, str]] = {
     "prep": (cfg.PrepConfig, "workflows.prep:run"),
-    "train": (cfg.TrainConfig, "workflows.train:run"),
+    "train": (cfg.TrainConfig, "workflows.train.driver:run"),
     "tune": (cfg.TuneConfig, "workflows.tune:run"),
     "predict": (cfg.PredictConfig, "workflows.predict:run"),
     "promote": (cfg.PromoteConfig, "workflows.promote:run"),

@@ -189,7 +189,7 @@ class Scorer:
         self.device = torch.device("cuda" if gpu else "cpu")
         model, _ = model_from_state(state)
         # channels_last: what GPU tensor cores want, and on CPU it measured faster for
-        # these convnets too (as in training, workflows/train.py).
+        # these convnets too (as in training, workflows/train/driver.py).
         self.model = for_inference(model).to(self.device, memory_format=torch.channels_last)
         self.normalize = Normalize(
             mean=preprocessing["mean"], std=preprocessing["std"], channels_last=True

@@ -53,7 +53,8 @@ from workflows.config import RayOptions, TrainConfig, TuneConfig, make_config
 from workflows.errors import CnnflowError
 from workflows.promote import promote
 from workflows.ray_runtime import configure_ray_data, ray_session
-from workflows.train import BEST_METRIC, Plan, plan, resolved_options, run_tags, scaling_for, train_and_log
+from workflows.train.driver import train_and_log
+from workflows.train.plan import BEST_METRIC, Plan, plan, resolved_options, run_tags, scaling_for
 
 MODE = "max"  # val_acc
 TIME_ATTR = "epoch"  # what the workers report per epoch
@@ -549,7 +550,7 @@ class StoppedTrials(ray.tune.Callback):
     Tune stops the trial's process, which therefore never ends its own run. Nor does
     it log the epoch ASHA judged: Tune acts on a result while the worker still waits
     for its checkpoint to be committed, the moment after which it logs that epoch
-    (workflows/train_loop.py). That epoch's metrics are logged here instead.
+    (workflows/train/loop.py). That epoch's metrics are logged here instead.
     """
 
     def __init__(self, parent_run_id: str, *, epochs: int, uri: str):
