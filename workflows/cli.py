@@ -26,7 +26,7 @@ from workflows.terminal import quiet_libraries
 COMMANDS: dict[str, tuple[type, str]] = {
     "prep": (cfg.PrepConfig, "workflows.prep:run"),
     "train": (cfg.TrainConfig, "workflows.train.driver:run"),
-    "tune": (cfg.TuneConfig, "workflows.tune:run"),
+    "tune": (cfg.TuneConfig, "workflows.tune.driver:run"),
     "predict": (cfg.PredictConfig, "workflows.predict:run"),
     "promote": (cfg.PromoteConfig, "workflows.promote:run"),
     "summary": (cfg.SummaryConfig, "workflows.summary:run"),
