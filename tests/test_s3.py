@@ -133,7 +133,8 @@ def read_predictions(bucket: Bucket, prefix: str) -> list[dict]:
 
 
 def test_prep_train_predict_round_trip_on_s3(bucket: Bucket, tmp_path: Path):
-    from workflows import predict, prep
+    from workflows import prep
+    from workflows.predict import driver as predict
     from workflows.train import driver as train
 
     s3 = f"s3://{BUCKET}"

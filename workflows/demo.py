@@ -96,7 +96,8 @@ def write_digits(paths: DemoPaths) -> tuple[int, int]:
 
 
 def run(config: DemoConfig) -> int:
-    from workflows import predict, prep, runs, tracking
+    from workflows import prep, runs, tracking
+    from workflows.predict import driver as predict
     from workflows.train import driver as train
     from workflows.config import RunsConfig
 
