@@ -59,8 +59,8 @@ def plain_pytorch(data: str, args: argparse.Namespace) -> tuple[list[float], flo
     from cnn.models import ModelSpec, build_model
     from cnn.transforms import BatchAugment, Normalize
     from data_prep.schema import pixels, read_manifest
-    from workflows.train import CPU_CHANNELS_LAST
-    from workflows.train_loop import make_optimizer, one_cycle
+    from workflows.train.driver import CPU_CHANNELS_LAST
+    from workflows.train.loop import make_optimizer, one_cycle
 
     manifest = read_manifest(data)
     size = manifest["image_size"]
@@ -107,7 +107,8 @@ def cnnflow_train(data: str, workers: int, args: argparse.Namespace, storage: st
     """(b)/(c): the real command; images/s per epoch and val accuracy as logged in MLflow."""
     import mlflow
 
-    from workflows import tracking, train
+    from workflows import tracking
+    from workflows.train import driver as train
     from workflows.config import TrainConfig
 
     config = TrainConfig(
@@ -127,8 +128,9 @@ def ingest_only(data: str, args: argparse.Namespace) -> list[float]:
     import ray.data  # noqa: F401
 
     from workflows.config import TrainConfig
-    from workflows.train import plan, read_split
-    from workflows.train_loop import SHUFFLE_BUFFER_ROWS, ShardBatch
+    from workflows.train.driver import read_split
+    from workflows.train.loop import SHUFFLE_BUFFER_ROWS, ShardBatch
+    from workflows.train.plan import plan
 
     p = plan(TrainConfig(data=data, model=args.model, width=args.width, depth=args.depth))
     ds = read_split(p, "train")

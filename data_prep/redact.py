@@ -4,7 +4,7 @@ A URI may carry a secret: `s3://KEY:SECRET@bucket/shards` (pyarrow reads S3 keys
 it), `https://user:password@mlflow.example`, `...?X-Amz-Signature=...`. Every option is
 logged to MLflow (params, tags, config artifacts), saved beside outputs and echoed on the
 terminal, so each of those passes through `redacted` / `redact_uri` first: MLflow writes
-in `workflows/tracking.py`, terminal text in `workflows/terminal.py` and the CLI's error
+in `workflows/tracking/`, terminal text in `workflows/terminal.py` and the CLI's error
 line, files in the stage that writes them. Here, not in `workflows/`, because prep's own
 files (manifest.json, report.json) need it too and `data_prep/` never imports `workflows/`.
 """

@@ -94,7 +94,7 @@ class TrainedFlow:
         import mlflow
         import torch
 
-        from workflows.pyfunc_model import PREPROCESSING, WEIGHTS
+        from workflows.tracking.pyfunc_model import PREPROCESSING, WEIGHTS
 
         # Read through the flow's own store, whatever store the test points MLflow at.
         tracking, registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
@@ -115,7 +115,8 @@ def trained_flow(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     """The real flow, once per session: stripe images -> cnnflow prep -> cnnflow train --promote."""
     import mlflow
 
-    from workflows import prep, train
+    from workflows import prep
+    from workflows.train import driver as train
     from workflows.config import PrepConfig, TrainConfig
 
     work = tmp_path_factory.mktemp("flow")

@@ -137,7 +137,7 @@ def test_job_upload_leaves_out_data_outputs_and_environments(tmp_path: Path) -> 
         names = set(build_job_package(repo, tmp_path / f"pkg-{ray_defaults}.zip", ray_defaults=ray_defaults))
         leaked = sorted(n for n in names if any(n.startswith(j) for j in junk))
         assert not leaked, f"uploaded with the job (ray defaults {ray_defaults}): {leaked}"
-        for needed in ("pyproject.toml", "workflows/train.py", "cnn/models.py", "data_prep/schema.py"):
+        for needed in ("pyproject.toml", "workflows/train/driver.py", "cnn/models.py", "data_prep/schema.py"):
             assert needed in names
 
     # The real working tree, exactly as `ray job submit --working-dir .` would pack it.

@@ -30,9 +30,10 @@ from tests.test_train import prepare
 from workflows import prep, tracking
 from workflows.cli import cli
 from workflows.config import PrepConfig
-from workflows.predict import Output
-from workflows.promote import evaluate, promote
-from workflows.pyfunc_model import normalizer, preprocessing_from_manifest
+from workflows.predict.output import Output
+from workflows.promote import promote
+from workflows.tracking.pyfunc_model import normalizer, preprocessing_from_manifest
+from workflows.train.evaluation import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDER = """\

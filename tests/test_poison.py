@@ -80,7 +80,7 @@ def test_a_sixteen_bit_png_is_scaled_in_place() -> None:
 
 
 def test_predict_decodes_with_the_same_limits(ray_local, tmp_path: Path) -> None:
-    from workflows.predict_pipeline import decode_batch
+    from workflows.predict.pipeline import decode_batch
 
     (tmp_path / "ok.png").write_bytes(encode(pattern_pixels(0, 20, np.random.default_rng(0)), "PNG", "RGB"))
     (tmp_path / "wide.png").write_bytes(image_bytes(1500, 1000, "PNG"))

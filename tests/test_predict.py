@@ -57,7 +57,7 @@ BROKEN = {"broken/truncated.jpg", "broken/empty.png", "broken/text.jpg"}
 
 
 def predict(input: Path, output: Path, **options) -> int:
-    from workflows import predict as predict_stage
+    from workflows.predict import driver as predict_stage
 
     return predict_stage.run(PredictConfig(input=str(input), output=str(output), **options))
 
@@ -247,7 +247,7 @@ def test_unknown_model_lists_what_exists(registry, folder, tmp_path):
 
 
 def test_pool_always_leaves_a_cpu_to_decoding():
-    from workflows.predict_pipeline import plan_pool
+    from workflows.predict.pipeline import plan_pool
 
     for cpus in (1, 2, 4, 16):
         for workers in (1, 2, 3, 8):

@@ -18,7 +18,7 @@ from workflows import tracking
 from workflows.cli import cli
 from workflows.errors import CnnflowError
 from workflows.promote import promote
-from workflows.pyfunc_model import preprocessing_from_manifest
+from workflows.tracking.pyfunc_model import preprocessing_from_manifest
 
 
 def register_untrained(data: Path, name: str, seed: int) -> int:

@@ -18,10 +18,13 @@ from mlflow import MlflowClient
 from cnn.models import ModelSpec, build_model, model_state
 from data_prep.redact import redact_uri, redacted, unredact
 from tests.cluster_helpers import REPO
-from workflows import tracking, train
+from workflows import tracking
 from workflows.config import TrainConfig, to_dict
 from workflows.errors import CnnflowError
-from workflows.promote import Evaluation
+from workflows.train.artifacts import log_artifacts
+from workflows.train.driver import Trained, register
+from workflows.train.evaluation import Evaluation
+from workflows.train.plan import Plan, resolved_options, run_tags
 
 SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYzEXAMPLEKEY"  # AWS's documented example: holds a "/"
 DATA = f"s3://AKIAEXAMPLE:{SECRET}@bucket/shards/pets"
@@ -80,19 +83,19 @@ def test_a_run_with_secret_uris_stores_and_prints_no_secret(mlflow_uri, tmp_path
         "num_rows": {"train": 4, "val": 2}, "input": IMAGES, "options": {"input": IMAGES, "output": DATA},
         "content_hash": "abc",
     }  # fmt: skip
-    p = train.Plan(config, DATA, manifest, spec, register_as="pets", epochs=1, tta="none")
+    p = Plan(config, DATA, manifest, spec, register_as="pets", epochs=1, tta="none")
     model = build_model(spec)
     evaluation = Evaluation(labels=np.array([0, 1]), predictions=np.array([0, 0]), loss=0.7)
 
     with pytest.raises(CnnflowError):
         with tracking.training_run(
-            experiment="secrets", run_name=None, params=train.resolved_options(p), tags=train.run_tags(p)
+            experiment="secrets", run_name=None, params=resolved_options(p), tags=run_tags(p)
         ) as run_id:
             tracking.log_epoch(mlflow_uri, run_id, 1, {"train_loss": 0.7, "val_loss": 0.7, "val_acc": 0.5, "lr": 0.01})
-            train.log_artifacts(p, run_id, model, evaluation)
+            log_artifacts(p, run_id, model, evaluation)
             preprocessing = {k: manifest[k] for k in ("classes", "image_size", "resize", "mean", "std")}
             model_uri = tracking.log_model(run_id, state=model_state(model, spec), preprocessing={**preprocessing, "tta": "none"})
-            train.register(p, train.Trained(run_id, model_uri, evaluation, best_epoch=1))
+            register(p, Trained(run_id, model_uri, evaluation, best_epoch=1))
             raise CnnflowError(f"cannot write a checkpoint to {STORAGE}/checkpoint_000001")
 
     client = MlflowClient(mlflow_uri, mlflow_uri)

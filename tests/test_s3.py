@@ -134,7 +134,9 @@ def read_predictions(bucket: Bucket, prefix: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_prep_train_predict_round_trip_on_s3(bucket: Bucket, tmp_path: Path):
-    from workflows import predict, prep, train
+    from workflows import prep
+    from workflows.predict import driver as predict
+    from workflows.train import driver as train
 
     s3 = f"s3://{BUCKET}"
     make_image_folder(tmp_path / "images", classes=CLASSES, per_class=24, size=32, seed=0)

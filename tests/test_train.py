@@ -27,8 +27,8 @@ from tests.images import label_from_pixels, pattern_pixels
 from workflows import prep, tracking
 from workflows.config import ConfigError, PrepConfig, TrainConfig, budget_epochs
 from workflows.errors import CnnflowError
-from workflows.train import run
-from workflows.train_loop import PID_FILE_ENV
+from workflows.train.driver import run
+from workflows.train.loop import PID_FILE_ENV
 
 CLASSES = ("horizontal", "vertical", "checker")
 SIZE = 16

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from workflows import tracking
-from workflows.train_progress import EpochLines
+from workflows.train.progress import EpochLines
 
 METRICS = {"train_loss": 0.5, "train_acc": 0.8, "val_loss": 0.4, "val_acc": 0.9, "images_per_s": 100.0, "epoch_time_s": 1.5}
 
@@ -24,7 +24,7 @@ def test_the_moving_average_forgets_the_random_start_in_a_short_run() -> None:
     import torch
     from torch import nn
 
-    from workflows.train_loop import moving_average
+    from workflows.train.loop import moving_average
 
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     ema = moving_average(model, 0.999)

@@ -16,8 +16,10 @@ from click.testing import CliRunner
 from workflows import prep, tracking
 from workflows.cli import cli
 from workflows.config import ConfigError, PrepConfig, TuneConfig
-from workflows.train import plan
-from workflows.tune import STOPPED_TAG, EarlyStopping, run, search_space
+from workflows.train.plan import plan
+from workflows.tune.callbacks import STOPPED_TAG
+from workflows.tune.driver import run
+from workflows.tune.space import EarlyStopping, search_space
 
 CLASSES = ("horizontal", "vertical", "checker")
 

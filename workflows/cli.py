@@ -25,9 +25,9 @@ from workflows.terminal import quiet_libraries
 # subcommand -> (config class, "module:function" that runs it)
 COMMANDS: dict[str, tuple[type, str]] = {
     "prep": (cfg.PrepConfig, "workflows.prep:run"),
-    "train": (cfg.TrainConfig, "workflows.train:run"),
-    "tune": (cfg.TuneConfig, "workflows.tune:run"),
-    "predict": (cfg.PredictConfig, "workflows.predict:run"),
+    "train": (cfg.TrainConfig, "workflows.train.driver:run"),
+    "tune": (cfg.TuneConfig, "workflows.tune.driver:run"),
+    "predict": (cfg.PredictConfig, "workflows.predict.driver:run"),
     "promote": (cfg.PromoteConfig, "workflows.promote:run"),
     "summary": (cfg.SummaryConfig, "workflows.summary:run"),
     "runs": (cfg.RunsConfig, "workflows.runs:run"),

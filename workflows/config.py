@@ -311,7 +311,7 @@ class DemoConfig(RayOptions):
     fresh: bool = option(False, "Start clean instead of reusing what is already done.")
 
 
-# The train options `cnnflow tune --search` may vary (the ranges are in workflows/tune.py).
+# The train options `cnnflow tune --search` may vary (the ranges are in workflows/tune/space.py).
 SEARCHABLE = ("lr", "weight_decay", "width", "depth", "max_shift", "label_smoothing", "epochs")
 
 

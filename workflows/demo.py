@@ -96,7 +96,9 @@ def write_digits(paths: DemoPaths) -> tuple[int, int]:
 
 
 def run(config: DemoConfig) -> int:
-    from workflows import predict, prep, runs, train, tracking
+    from workflows import prep, runs, tracking
+    from workflows.predict import driver as predict
+    from workflows.train import driver as train
     from workflows.config import RunsConfig
 
     paths = DemoPaths(Path(config.workdir).resolve())

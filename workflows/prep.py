@@ -8,24 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
-from rich.text import Text
 
 from data_prep.lock import output_lock
 from workflows.config import PrepConfig, to_dict
 from workflows.errors import CnnflowError
 from workflows.ray_runtime import ray_session
-from workflows.terminal import plain, text
+from workflows.terminal import plain, progress_bar, text
 
 
 def run(config: PrepConfig) -> int:
@@ -54,7 +43,7 @@ def _prepare(config: PrepConfig, found: Any) -> Any:
     from data_prep.pipeline import prepare
 
     console = Console(stderr=True)
-    with ray_session(config, dashboard=False, ray_data=False), _progress(console) as progress:
+    with ray_session(config, dashboard=False, ray_data=False), progress_bar(console, "prep", "files/s") as progress:
         task = progress.add_task("scanning", total=None)
 
         def on_progress(done: int, total: int) -> None:
@@ -75,25 +64,6 @@ def _prepare(config: PrepConfig, found: Any) -> Any:
             on_progress=on_progress,
             found=found,
         )
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]prep[/] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed:.0f} files/s" if task.speed else "", style="cyan")
 
 
 def print_summary(console: Console, manifest: dict[str, Any], report: dict[str, Any]) -> None:

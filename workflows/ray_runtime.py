@@ -158,7 +158,7 @@ def configure_ray_data(*, verbose: bool = False) -> None:
     The default resource reservation holds CPUs back per operator; on a small machine it
     left one of two cores idle while decode tasks queued, so it is off by default. It is
     also what enforces a dataset's object-store cap, so predict turns it back on for its
-    own dataset (workflows/predict.py).
+    own dataset (workflows/predict/pipeline.py).
 
     Progress bars and per-execution log lines are Ray Data's; the stages print their own
     progress, so Ray Data's terminal output is cut to errors unless --verbose (its log

@@ -6,13 +6,20 @@ written. Control characters in a name (an escape sequence could rewrite the term
 and the surrogates Python uses for bytes that are not UTF-8 are shown as escapes, and a
 URI's credentials (`s3://KEY:SECRET@bucket`) as *** (`data_prep/redact.py`).
 Use `plain` inside a markup string and `text` where rich takes a renderable (table cells).
+A stage at work shows rich's progress bar, the same for prep and predict (`progress_bar`).
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from rich.markup import escape
 from rich.text import Text
 
 from data_prep.redact import redact_uri
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
 
 
 def printable(value: object) -> str:
@@ -36,6 +43,40 @@ def plain(value: object) -> str:
 def text(value: object, style: str = "") -> Text:
     """For a table cell or title: a Text, which rich never parses as markup."""
     return Text(printable(value), style=style)
+
+
+def progress_bar(console: Console, stage: str, unit: str) -> Progress:
+    """STAGE's bar while it works: the task's description, done/total, UNIT per second,
+    elapsed time and ETA; gone once the stage stops (its closing screen follows).
+
+    rich.progress is imported here: the CLI imports this module for every command.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        Task,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    class RateColumn(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            return Text(f"{task.speed:.0f} {unit}" if task.speed else "", style="cyan")
+
+    return Progress(
+        TextColumn(f"[bold]{stage}[/] {{task.description}}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 def quiet_libraries(verbose: bool) -> None:

@@ -7,7 +7,7 @@ raw uint8 pixels (size x size x 3, RGB), so a prep output skips the decode stage
 image folder is decoded with prep's own `decode_image`. Rows that could not be read or
 decoded carry `error` and a null `image` and pass through the model stage untouched, so
 every input yields exactly one output row, even one whose decoding kills its worker
-(`decode_batch`).
+(`decode_batch`). `build_dataset` joins the stages; the model stage is `scorer.py`.
 
 How the work is spread over CPUs matters more than anything else here (measured on a
 2-core machine, see bench/bench_predict.py): the model actors must leave at least one
@@ -17,32 +17,22 @@ torch's threads in the actors are set from the CPUs the pool may really use.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from data_prep import schema
 from data_prep.decode import Limits, UndecodableImage, decode_image, read_file
 from data_prep.isolate import CRASHED, run_isolating
+from workflows.predict.scorer import Scorer
 
-# The output table (docs/architecture.md, Formats); `probabilities` follow the model's classes order.
-OUTPUT_SCHEMA = pa.schema(
-    [
-        pa.field("path", pa.string(), nullable=False),
-        pa.field("label", pa.string()),
-        pa.field("score", pa.float32()),
-        pa.field("probabilities", pa.list_(pa.float32())),
-        pa.field("model_uri", pa.string(), nullable=False),
-        pa.field("error", pa.string()),
-    ]
-)
+if TYPE_CHECKING:
+    from workflows.config import PredictConfig
+    from workflows.predict.inputs import Inputs
 
 # Files per decode task: enough to amortise a task's ~ms overhead, small enough that the
 # blocks (256 x 48 KiB at 128 px = 12 MiB) stream through the object store.
@@ -162,81 +152,69 @@ def shard_rows(batch: pa.Table) -> pa.Table:
     )
 
 
-# --- model stage (Ray actors) ------------------------------------------------------------
+# --- the dataset graph ------------------------------------------------------------------
 
 
-class Scorer:
-    """One model replica: built once per actor from plain weights, lives for the job."""
+def build_dataset(config: PredictConfig, inputs: Inputs, todo: pa.Array, classifier: Any, *, scored: pa.Array):
+    """`todo` through the decode (or shard) stage and the Scorer pool, as one Ray Dataset of
+    output rows; with the pool's plan."""
+    import ray.data
 
-    def __init__(
-        self,
-        state: dict[str, Any],
-        preprocessing: dict[str, Any],
-        model_uri: str,
-        torch_threads: int,
-        gpu: bool,
-    ) -> None:
-        import torch
+    from cnn.models import model_state
 
-        from cnn.inference import class_probabilities, for_inference, mixed_probabilities, test_time_augmentation
-        from cnn.models import model_from_state
-        from cnn.transforms import Normalize
-
-        torch.set_num_threads(torch_threads_here(torch_threads))
-        self.torch = torch
-        if isinstance(state, ray.ObjectRef):  # the weights travel once, through the object store
-            state = ray.get(state)
-        self.device = torch.device("cuda" if gpu else "cpu")
-        model, _ = model_from_state(state)
-        # channels_last: what GPU tensor cores want, and on CPU it measured faster for
-        # these convnets too (as in training, workflows/train.py).
-        self.model = for_inference(model).to(self.device, memory_format=torch.channels_last)
-        self.normalize = Normalize(
-            mean=preprocessing["mean"], std=preprocessing["std"], channels_last=True
-        ).to(self.device)
-        self.classes = pa.array(preprocessing["classes"], pa.string())
-        self.size = int(preprocessing["image_size"])
-        self.model_uri = model_uri
-        self.tta = test_time_augmentation(preprocessing)  # as validation scored it
-        # bf16 on a GPU that has it; on CPU the pyfunc model's float32, so scores match it.
-        bf16 = gpu and torch.cuda.is_bf16_supported()
-        self.forward = mixed_probabilities if bf16 else class_probabilities
-
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> float32 (N, classes)."""
-        torch = self.torch
-        # uint8 goes to the device (4x less to copy than float); normalise there.
-        x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-        return self.forward(self.model, self.normalize, x, tta=self.tta).cpu().numpy()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """Stage rows (path, image, error) -> output rows; error rows pass through unscored."""
-        n, width = batch.num_rows, len(self.classes)
-        ok = pc.is_null(batch.column("error")).to_numpy(zero_copy_only=False)
-        probs = np.zeros((0, width), np.float32)
-        if ok.any():
-            probs = self.probabilities(schema.pixels(pc.filter(batch.column("image"), pa.array(ok)), self.size))
-        # Scatter the scored rows back among the error rows (null there), in input order.
-        best = np.zeros(n, np.int64)
-        best[ok] = probs.argmax(axis=1)
-        score = np.zeros(n, np.float32)
-        score[ok] = probs.max(axis=1)
-        offsets = np.concatenate([[0], np.cumsum(np.where(ok, width, 0))]).astype(np.int32)
-        missing = pa.array(~ok)
-        return pa.Table.from_arrays(
-            [
-                batch.column("path").combine_chunks(),
-                self.classes.take(pa.array(best, mask=~ok)),
-                pa.array(score, pa.float32(), mask=~ok),
-                pa.ListArray.from_arrays(pa.array(offsets), pa.array(probs.reshape(-1), pa.float32()), mask=missing),
-                pa.repeat(self.model_uri, n).cast(pa.string()),
-                batch.column("error").combine_chunks(),
-            ],
-            schema=OUTPUT_SCHEMA,
+    resources = ray.cluster_resources()
+    plan = plan_pool(
+        config.workers, gpu=config.gpu, cluster_cpus=resources.get("CPU", 1), cluster_gpus=resources.get("GPU", 0)
+    )
+    size, resize = classifier.preprocessing["image_size"], classifier.preprocessing["resize"]
+    if inputs.shard_files:
+        ds = ray.data.read_parquet(
+            inputs.shard_files, filesystem=inputs.filesystem, columns=["path", "image"], num_cpus=plan.decode_cpus
         )
-
-
-def torch_threads_here(requested: int) -> int:
-    """Never more threads than the cores of the node an actor landed on."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(requested, cores))
+        if len(scored):
+            ds = ds.map_batches(drop_scored, batch_format="pyarrow", batch_size=None,
+                                num_cpus=plan.decode_cpus, fn_kwargs={"scored": scored})
+        ds = ds.map_batches(shard_rows, batch_format="pyarrow", batch_size=None, num_cpus=plan.decode_cpus)
+    else:
+        # Small jobs still get a few blocks per replica, so that every replica has work.
+        step = max(16, min(DECODE_BATCH, -(-len(todo) // (4 * plan.replicas))))
+        chunks = [pa.table({"path": todo.slice(i, step)}) for i in range(0, len(todo), step)]
+        ds = ray.data.from_arrow(chunks).map_batches(
+            decode_batch,
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=plan.decode_cpus,
+            fn_kwargs={
+                "filesystem": inputs.filesystem, "root": inputs.root, "size": size, "resize": resize,
+                "limits": Limits.of(config.max_file_mb, config.max_megapixels),
+            },
+        )
+    state = ray.put(model_state(classifier.model, classifier.spec))
+    ds = ds.map_batches(
+        Scorer,
+        batch_size=config.batch_size or (GPU_BATCH if config.gpu else CPU_BATCH),
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=plan.replicas),
+        num_cpus=plan.actor_cpus,
+        num_gpus=plan.actor_gpus,
+        fn_constructor_kwargs={
+            "state": state,
+            "preprocessing": classifier.preprocessing,
+            "model_uri": classifier.uri,
+            "torch_threads": plan.torch_threads,
+            "gpu": config.gpu,
+        },
+    )
+    # Decoding outruns a CNN on CPU several times over: uncapped, the decoded blocks would
+    # wait in the object store and memory would grow with the input. A few blocks per
+    # replica keep the model busy; the cap applies to this dataset only. Ray Data enforces
+    # it through its per-operator reservation, which configure_ray_data turns off for the
+    # other stages: without it the cap was ignored (decoding ran 306 MiB ahead of the model
+    # at N=8000, and peak memory grew 1.33x from 2000 to 16000 images; with it, 42 MiB).
+    block_bytes = DECODE_BATCH * size * size * 3
+    ds.context.op_resource_reservation_enabled = True
+    options = ds.context.execution_options
+    options.resource_limits = options.resource_limits.copy(
+        object_store_memory=max(MIN_QUEUE_BYTES, 4 * plan.replicas * block_bytes)
+    )
+    return ds, plan

@@ -13,9 +13,9 @@ latest, to resume from). A restarted worker group resumes from the latest checkp
 epoch + 1, so no epoch is logged twice.
 
 Reproducibility: the same seed gives the same initial weights, the same data order
-(seeded file and local shuffles, order-preserving reads, see workflows/train.py) and the
-same augmentation (torch's RNG is reseeded from (seed, epoch, rank) every epoch, so a
-resumed run draws what an uninterrupted one would have).
+(seeded file and local shuffles, order-preserving reads, see `driver.read_split`) and
+the same augmentation (torch's RNG is reseeded from (seed, epoch, rank) every epoch, so
+a resumed run draws what an uninterrupted one would have).
 """
 from __future__ import annotations
 

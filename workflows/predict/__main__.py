@@ -1,0 +1,5 @@
+"""`python -m workflows.predict ARGS` == `cnnflow predict ARGS` (for `ray job submit`)."""
+from workflows.cli import main_for
+
+if __name__ == "__main__":
+    main_for("predict")

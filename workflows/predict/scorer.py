@@ -1,0 +1,96 @@
+"""The model stage of `cnnflow predict`: one `Scorer` per Ray actor, a model replica for the job.
+
+A replica is built once per actor from plain weights (sent once through the object
+store), scores decoded pixels with the model's normalisation and test-time augmentation
+(bf16 on a GPU that has it, float32 on CPU, as the pyfunc model), and passes rows that
+carry an error through unscored, so every input yields exactly one output row.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from data_prep import schema
+from workflows.predict.output import OUTPUT_SCHEMA
+
+
+class Scorer:
+    """One model replica: built once per actor from plain weights, lives for the job."""
+
+    def __init__(
+        self,
+        state: dict[str, Any],
+        preprocessing: dict[str, Any],
+        model_uri: str,
+        torch_threads: int,
+        gpu: bool,
+    ) -> None:
+        import torch
+
+        from cnn.inference import class_probabilities, for_inference, mixed_probabilities, test_time_augmentation
+        from cnn.models import model_from_state
+        from cnn.transforms import Normalize
+
+        torch.set_num_threads(torch_threads_here(torch_threads))
+        self.torch = torch
+        if isinstance(state, ray.ObjectRef):  # the weights travel once, through the object store
+            state = ray.get(state)
+        self.device = torch.device("cuda" if gpu else "cpu")
+        model, _ = model_from_state(state)
+        # channels_last: what GPU tensor cores want, and on CPU it measured faster for
+        # these convnets too (as in training, workflows/train/driver.py).
+        self.model = for_inference(model).to(self.device, memory_format=torch.channels_last)
+        self.normalize = Normalize(
+            mean=preprocessing["mean"], std=preprocessing["std"], channels_last=True
+        ).to(self.device)
+        self.classes = pa.array(preprocessing["classes"], pa.string())
+        self.size = int(preprocessing["image_size"])
+        self.model_uri = model_uri
+        self.tta = test_time_augmentation(preprocessing)  # as validation scored it
+        # bf16 on a GPU that has it; on CPU the pyfunc model's float32, so scores match it.
+        bf16 = gpu and torch.cuda.is_bf16_supported()
+        self.forward = mixed_probabilities if bf16 else class_probabilities
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, classes)."""
+        torch = self.torch
+        # uint8 goes to the device (4x less to copy than float); normalise there.
+        x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+        return self.forward(self.model, self.normalize, x, tta=self.tta).cpu().numpy()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Stage rows (path, image, error) -> output rows; error rows pass through unscored."""
+        n, width = batch.num_rows, len(self.classes)
+        ok = pc.is_null(batch.column("error")).to_numpy(zero_copy_only=False)
+        probs = np.zeros((0, width), np.float32)
+        if ok.any():
+            probs = self.probabilities(schema.pixels(pc.filter(batch.column("image"), pa.array(ok)), self.size))
+        # Scatter the scored rows back among the error rows (null there), in input order.
+        best = np.zeros(n, np.int64)
+        best[ok] = probs.argmax(axis=1)
+        score = np.zeros(n, np.float32)
+        score[ok] = probs.max(axis=1)
+        offsets = np.concatenate([[0], np.cumsum(np.where(ok, width, 0))]).astype(np.int32)
+        missing = pa.array(~ok)
+        return pa.Table.from_arrays(
+            [
+                batch.column("path").combine_chunks(),
+                self.classes.take(pa.array(best, mask=~ok)),
+                pa.array(score, pa.float32(), mask=~ok),
+                pa.ListArray.from_arrays(pa.array(offsets), pa.array(probs.reshape(-1), pa.float32()), mask=missing),
+                pa.repeat(self.model_uri, n).cast(pa.string()),
+                batch.column("error").combine_chunks(),
+            ],
+            schema=OUTPUT_SCHEMA,
+        )
+
+
+def torch_threads_here(requested: int) -> int:
+    """Never more threads than the cores of the node an actor landed on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(requested, cores))
