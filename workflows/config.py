@@ -18,11 +18,22 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from data_prep.options import (
+    MAX_IMAGE_SIZE,
+    MAX_SEED,
+    MIN_IMAGE_SIZE,
+    ImageLimits,
+    OptionError,
+    PrepOptions,
+    option,
+)
+from data_prep.options import check as _check
+from data_prep.options import check_range as _check_range
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default: `mlflow ui` there shows it
 DEFAULT_EXPERIMENT = "cnnflow"
 CHAMPION_ALIAS = "champion"
 
-ResizeMode = Literal["squash", "crop", "pad"]
 OptimizerName = Literal["adamw", "sgd"]
 TestTimeAugmentation = Literal["none", "flip"]  # cnn.inference.TTA_MODES
 OutputFormat = Literal["parquet", "csv"]
@@ -42,8 +53,9 @@ def budget_epochs(train_rows: int, global_batch: int) -> int:
     return max(MIN_EPOCHS, min(MAX_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch)))
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used as given; the message says what is allowed."""
+# One type for every refused option, wherever the option is defined (prep's are in
+# data_prep/options.py); the CLI shows it as one line.
+ConfigError = OptionError
 
 
 def positional(help: str) -> Any:
@@ -51,35 +63,19 @@ def positional(help: str) -> Any:
     return field(metadata={"help": help, "positional": True})
 
 
-def option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 # Bounds shared by several options. Values outside them are refused when the config is
-# built, before Ray starts (STYLE.md: validate early, say what is allowed).
-MIN_IMAGE_SIZE = 8
-# Raw uint8 pixels are stored per row: 3 MiB an image at 1024 px, and the CNNs here have
-# no use for more (a larger side only multiplies decode, disk and training memory).
-MAX_IMAGE_SIZE = 1024
+# built, before Ray starts (STYLE.md: validate early, say what is allowed). The image
+# size's, the seed's and the image limits' are prep's (data_prep/options.py).
 MAX_BATCH = 4096  # images per step or model call; more only risks running out of memory
-MAX_SEED = 2**32 - 1  # what numpy's and torch's seeding both accept
 MAX_CHANNELS = 2048  # simple: channels of the last stage, width x 2^(depth-1)
 # MLflow's own limits on names (mlflow.utils.validation), checked here so that a name it
 # would refuse is refused before any work is done.
 MAX_EXPERIMENT_NAME = 500
 MAX_NAME = 250
-# Poison files (see data_prep/decode.py): a file over the size cap is quarantined before
-# it is read; an image whose header promises more pixels than the budget, before it is
-# decoded. Defaults: a 48 Mpx phone photo passes both (its JPEG is ~10-25 MB and decodes
-# at 1/8 scale); at the budget an RGBA PNG decodes to ~200 MB, so a decoding CPU peaks
-# around half a GB. Pillow refuses more than MAX_MEGAPIXELS on its own (2x its 89.5 Mpx
-# decompression-bomb limit), so the budget cannot be raised past that.
-DEFAULT_MAX_FILE_MB, DEFAULT_MAX_MEGAPIXELS = 100.0, 50.0
-MAX_FILE_MB, MAX_MEGAPIXELS = 2048.0, 178.0
 
 
 @dataclass(kw_only=True)
@@ -103,60 +99,15 @@ class RayOptions:
 
 
 @dataclass(kw_only=True)
-class ImageLimits(RayOptions):
-    """What one input file may cost: prep and predict decode with the same limits."""
-
-    max_file_mb: float = option(
-        DEFAULT_MAX_FILE_MB,
-        "Files larger than this (MB) are quarantined (prep) or error rows (predict), unread.",
-    )
-    max_megapixels: float = option(
-        DEFAULT_MAX_MEGAPIXELS,
-        "Images whose header promises more pixels to decode than this (millions; JPEGs count "
-        "at the reduced scale they are decoded at) are quarantined or error rows, undecoded.",
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_range("max_file_mb", self.max_file_mb, 0, MAX_FILE_MB, low_open=True)
-        _check_range("max_megapixels", self.max_megapixels, 0, MAX_MEGAPIXELS, low_open=True)
-
-
-@dataclass(kw_only=True)
-class PrepConfig(ImageLimits):
+class PrepConfig(PrepOptions, RayOptions):
     """Turn an image folder into resized Parquet shards, a manifest and a quality report."""
 
     input: str = positional("Image folder or URI (s3://...), one subfolder per class.")
     output: str = positional("Output folder or URI for shards, manifest.json and report.json.")
-    image_size: int = option(
-        128, f"Side of the square images written, in pixels ({MIN_IMAGE_SIZE}-{MAX_IMAGE_SIZE})."
-    )
-    resize: ResizeMode = option(
-        "squash",
-        "How to make images square: squash (stretch), crop (centre) or pad (letterbox).",
-    )
-    val_fraction: float = option(0.2, "Share of each class held out for validation.")
-    seed: int = option(0, "Seed of the path hash that decides each file's split.")
-    labels: str = option(
-        "folder",
-        "Where labels come from: folder (top-level subfolder), regex:PATTERN "
-        "(first group matched on the file name) or csv:FILE (rows path,label).",
-    )
-    unlabeled: bool = option(False, "Input has no labels: any nesting, label -1, no split.")
-    rows_per_shard: int = option(
-        2048, "Most images per Parquet file (fewer when that keeps every CPU busy)."
-    )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_range("val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
-        _check_range("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
-        _check_range("seed", self.seed, 0, MAX_SEED)
-        _check_range("rows_per_shard", self.rows_per_shard, 1, 1_000_000)
-        _check(
-            self.labels == "folder" or self.labels.startswith(("regex:", "csv:")),
-            f"labels must be folder, regex:PATTERN or csv:FILE, got {self.labels!r}",
-        )
+        RayOptions.__post_init__(self)
+        PrepOptions.__post_init__(self)
 
 
 @dataclass(kw_only=True)
@@ -229,7 +180,7 @@ class TrainConfig(RayOptions):
 
 
 @dataclass(kw_only=True)
-class PredictConfig(ImageLimits):
+class PredictConfig(ImageLimits, RayOptions):
     """Classify a folder of images with a registered model; write one row per file."""
 
     input: str = positional("Image folder or URI (any layout), or a `cnnflow prep` output.")
@@ -252,7 +203,8 @@ class PredictConfig(ImageLimits):
     overwrite: bool = option(False, "Replace predictions made by another model version.")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        RayOptions.__post_init__(self)
+        ImageLimits.__post_init__(self)
         if self.batch_size is not None:
             _check_range("batch_size", self.batch_size, 1, MAX_BATCH)
         # Each replica is a process holding the model: more than this only exhausts memory.
@@ -391,24 +343,6 @@ def _check_model(name: str) -> None:
     from cnn.models import MODELS
 
     _check(name in MODELS, f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _check_range(
-    name: str, value: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False
-) -> None:
-    """low <= value <= high (or < where open); NaN fails every comparison, so it is refused too."""
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    def show(bound: float) -> str:
-        return str(int(bound)) if float(bound).is_integer() else str(bound)
-
-    interval = f"{'(' if low_open else '['}{show(low)}, {show(high)}{')' if high_open else ']'}"
-    _check(above and below, f"{name} must be in {interval}, got {value}")
 
 
 def _check_shape(width: int, depth: int) -> None:
