@@ -151,13 +151,15 @@ def steady(rates: list[float]) -> float:
 
 
 def main() -> None:
+    from cnn.registry import model_info  # the model's own defaults, torch-free
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--model", default="simple")
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--width", type=int, default=model_info("simple").arg("width").default)
+    parser.add_argument("--depth", type=int, default=model_info("simple").arg("depth").default)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "cnnflow-bench-train"))
     args = parser.parse_args()

@@ -1,18 +1,22 @@
-"""Model definitions and the name -> builder registry.
+"""Model definitions: one builder for each model of the registry (`cnn/registry.py`).
 
 Every model takes a float batch shaped (N, 3, H, W), already normalised, and returns
 logits shaped (N, num_classes). A model is described by a `ModelSpec` (its constructor
 arguments); the spec is saved beside the weights so that a model can be rebuilt from a
 weights file alone, with `torch.load(..., weights_only=True)` and no pickled code
-(nanoGPT's habit).
+(nanoGPT's habit). The arguments the registry declares get their defaults from there,
+never from the builder's signature.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from cnn.registry import MODELS, model_info
 
 WEIGHTS_FORMAT_VERSION = 1
 # Options that only matter when a model is first built (where its starting weights come
@@ -20,12 +24,21 @@ WEIGHTS_FORMAT_VERSION = 1
 INIT_ONLY_OPTIONS = frozenset({"weights_path"})
 
 Builder = Callable[..., nn.Module]
-MODELS: dict[str, Builder] = {}
+BUILDERS: dict[str, Builder] = {}
 
 
 def register_model(name: str) -> Callable[[Builder], Builder]:
+    """The builder of registry model `name`: each argument the registry declares for it is
+    a keyword-only parameter without a default (the registry's is the one default)."""
+    info = model_info(name)
+
     def add(builder: Builder) -> Builder:
-        MODELS[name] = builder
+        parameters = inspect.signature(builder).parameters
+        for arg in info.args:
+            p = parameters.get(arg.builder_keyword)
+            if p is None or p.kind is not p.KEYWORD_ONLY or p.default is not p.empty:
+                raise TypeError(f"{builder.__name__} must take {arg.builder_keyword} keyword-only, without a default")
+        BUILDERS[name] = builder
         return builder
 
     return add
@@ -41,19 +54,13 @@ class ModelSpec:
     options: dict[str, Any] = field(default_factory=dict)  # model-specific, e.g. width
 
 
-def _check_name(name: str) -> Builder:
-    try:
-        return MODELS[name]
-    except KeyError:
-        known = ", ".join(sorted(MODELS))
-        raise ValueError(f"unknown model {name!r}; known models: {known}") from None
-
-
 def build_model(spec: ModelSpec) -> nn.Module:
-    builder = _check_name(spec.name)
+    """The model `spec` describes; the registry's defaults for the arguments it leaves out."""
+    info = model_info(spec.name)
     if spec.num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {spec.num_classes}")
-    return builder(num_classes=spec.num_classes, image_size=spec.image_size, **spec.options)
+    options = {**info.defaults(), **spec.options}
+    return BUILDERS[spec.name](num_classes=spec.num_classes, image_size=spec.image_size, **options)
 
 
 def model_state(model: nn.Module, spec: ModelSpec) -> dict[str, Any]:
@@ -123,8 +130,8 @@ def simple(
     *,
     num_classes: int,
     image_size: int,
-    depth: int = 4,
-    width: int = 32,
+    depth: int,
+    width: int,
     convs_per_stage: int = 1,
     dropout: float = 0.1,
 ) -> nn.Module:
@@ -157,7 +164,7 @@ def simple(
 
 
 @register_model("resnet18")
-def resnet18(*, num_classes: int, image_size: int, weights_path: str | None = None) -> nn.Module:
+def resnet18(*, num_classes: int, image_size: int, weights_path: str | None) -> nn.Module:
     """torchvision's ResNet-18, from scratch or from a local weights file.
 
     `weights_path` is a state_dict saved by torchvision (e.g. `resnet18-f37072fd.pth`
@@ -177,3 +184,7 @@ def resnet18(*, num_classes: int, image_size: int, weights_path: str | None = No
         if set(missing) - {"fc.weight", "fc.bias"}:
             raise ValueError(f"{weights_path} is not a ResNet-18 state_dict (missing {missing[:3]})")
     return model
+
+
+if set(BUILDERS) != set(MODELS):  # a model declared in cnn/registry.py without a builder here
+    raise ImportError(f"cnn/registry.py declares {sorted(MODELS)}; cnn/models.py builds {sorted(BUILDERS)}")

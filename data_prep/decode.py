@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-RESIZE_MODES = ("squash", "crop", "pad")
+from data_prep.options import RESIZE_MODES
 
 # Files listed (and scanned) as images, by lower-case extension: the formats Pillow
 # decodes by itself, without external tools. Anything else is skipped and counted.

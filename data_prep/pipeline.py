@@ -15,7 +15,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -26,6 +26,7 @@ from data_prep import report as rep
 from data_prep import safety
 from data_prep.decode import Limits
 from data_prep.isolate import CRASHED, WORKER_DIED, run_isolating
+from data_prep.options import PrepOptions
 from data_prep.redact import redact_uri, redacted
 from data_prep.scan import PrepError, Scan, normalize_uri, scan, unit_hash
 from data_prep.schema import (
@@ -70,38 +71,34 @@ class PrepResult:
 def prepare(
     input: str,
     output: str,
+    options: PrepOptions,
     *,
-    image_size: int = 128,
-    resize: str = "squash",
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    labels: str = "folder",
-    unlabeled: bool = False,
-    rows_per_shard: int = 2048,
-    limits: Limits,  # no default here: the options' defaults live in workflows/config.py
-    options: dict[str, Any] | None = None,
     on_progress: Progress | None = None,
     found: Scan | None = None,
 ) -> PrepResult:
     """Turn INPUT into OUTPUT's shards, manifest.json, report.json and quarantine.csv.
 
-    Needs Ray to be initialised. `found`: INPUT's `scan` with these options, if the
-    caller already made it (the CLI does, before Ray starts, so a wrong INPUT is
-    refused at once). Raises PrepError (input unusable, every image bad, OUTPUT
-    overlapping INPUT or holding files prep did not write: see data_prep/safety.py),
-    FileNotFoundError or NotADirectoryError (INPUT missing, OUTPUT a file).
+    Needs Ray to be initialised. The manifest records `options` whole (a command's
+    config, a PrepOptions with more fields, is recorded with them all). `found`: INPUT's
+    `scan` with these options, if the caller already made it (the CLI does, before Ray
+    starts, so a wrong INPUT is refused at once). Raises PrepError (input unusable,
+    every image bad, OUTPUT overlapping INPUT or holding files prep did not write: see
+    data_prep/safety.py), FileNotFoundError or NotADirectoryError (INPUT missing, OUTPUT
+    a file).
     """
     start = time.perf_counter()
+    image_size, resize, unlabeled = options.image_size, options.resize, options.unlabeled
     owned = check_paths(input, output)  # before anything is read or written
     if found is None:
-        found = scan(input, labels=labels, unlabeled=unlabeled, val_fraction=val_fraction, seed=seed)
-    chunks = plan_chunks(found, rows_per_shard=rows_per_shard, seed=seed, cpus=_cluster_cpus())
+        found = scan(input, options)
+    chunks = plan_chunks(found, rows_per_shard=options.rows_per_shard, seed=options.seed, cpus=_cluster_cpus())
     out = claim_output(output, owned, shard_files(chunks))
     splits = [UNLABELED] if unlabeled else [TRAIN, VAL]
     fs, out_path = resolve(out)
     for split in splits:
         fs.create_dir(join(out_path, split))
 
+    limits = Limits.of(options.max_file_mb, options.max_megapixels)
     total = rep.combine(
         _run_tasks(
             found.input, out, chunks, size=image_size, resize=resize, limits=limits,
@@ -133,7 +130,7 @@ def prepare(
         "mean": mean,
         "std": std,
         "input": redact_uri(found.input),
-        "options": redacted(options or {}),
+        "options": redacted(asdict(options)),
         "content_hash": rep.content_hash(found, total, image_size=image_size, resize=resize),
         "cnnflow_version": rep.cnnflow_version(),
     }

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 
 from data_prep.decode import IMAGE_EXTENSIONS
+from data_prep.options import PrepOptions, label_source
 from data_prep.schema import TRAIN, UNLABELED, UNLABELED_LABEL, VAL, join, resolve
 
 HIDDEN_NAMES = frozenset({"__MACOSX"})  # macOS zip residue, alongside dot-files
@@ -61,15 +62,12 @@ def normalize_uri(uri: str) -> str:
     return uri.rstrip("/") if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
-def scan(
-    input: str,
-    *,
-    labels: str = "folder",
-    unlabeled: bool = False,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-) -> Scan:
-    """List INPUT, label every image file and decide its split; raise PrepError if unusable."""
+def scan(input: str, options: PrepOptions | None = None) -> Scan:
+    """List INPUT, label every image file and decide its split; raise PrepError if unusable.
+
+    Of the options, `labels`, `unlabeled`, `val_fraction` and `seed` count (default: prep's).
+    """
+    options = options or PrepOptions()
     root = normalize_uri(input)
     fs, base = resolve(root)
     info = fs.get_file_info(base)
@@ -104,20 +102,20 @@ def scan(
             images.append(path)
     top_dirs = sorted(readable_name(d) for d in top_dirs)
 
-    if unlabeled:
+    if options.unlabeled:
         files = [SourceFile(p, UNLABELED_LABEL, UNLABELED) for p in images]
         result = Scan(root, [], files, skipped, quarantined=quarantined)
         _check_found(result, input, labels="unlabeled")
         return result
 
-    named, csv_missing = _label(images, labels, root, skipped)
+    named, csv_missing = _label(images, options.labels, root, skipped)
     classes = sorted(set(named.values()))
     index = {name: i for i, name in enumerate(classes)}
-    splits = assign_splits(named, val_fraction=val_fraction, seed=seed)
+    splits = assign_splits(named, val_fraction=options.val_fraction, seed=options.seed)
     files = [SourceFile(p, index[named[p]], splits[p]) for p in sorted(named)]
-    empty = [d for d in top_dirs if d not in index and not _hidden(d)] if labels == "folder" else []
+    empty = [d for d in top_dirs if d not in index and not _hidden(d)] if options.labels == "folder" else []
     result = Scan(root, classes, files, skipped, empty, csv_missing, quarantined)
-    _check_found(result, input, labels=labels)
+    _check_found(result, input, labels=options.labels)
     return result
 
 
@@ -209,22 +207,23 @@ def _label(
     """{path: class name} for the images that have a label; the others are skipped."""
     named: dict[str, str] = {}
     csv_missing: list[str] = []
-    if labels == "folder":
+    source, argument = label_source(labels)
+    if source == "folder":
         for path in images:
             if "/" in path:
                 named[path] = path.split("/", 1)[0]
             else:
                 skipped.append({"path": path, "reason": "not in a class folder"})
-    elif labels.startswith("regex:"):
-        pattern = _compile(labels[len("regex:"):])
+    elif source == "regex":
+        pattern = _compile(argument)
         for path in images:
             match = pattern.search(path.rsplit("/", 1)[-1])
             if match and match.group(1):
                 named[path] = match.group(1)
             else:
                 skipped.append({"path": path, "reason": f"name does not match {pattern.pattern}"})
-    elif labels.startswith("csv:"):
-        table = read_label_csv(labels[len("csv:"):], root)
+    else:  # csv
+        table = read_label_csv(argument, root)
         present = set(images)
         for path in images:
             if path in table:
@@ -232,8 +231,6 @@ def _label(
             else:
                 skipped.append({"path": path, "reason": "not listed in the labels csv"})
         csv_missing = sorted(p for p in table if p not in present)
-    else:
-        raise PrepError(f"labels must be folder, regex:PATTERN or csv:FILE, got {labels!r}")
     return named, csv_missing
 
 

@@ -19,6 +19,23 @@ def test_defaults_live_in_the_config() -> None:
     assert (train.workers, train.max_failures, train.experiment) == (1, 2, "cnnflow")
 
 
+def test_model_options_come_from_the_registry() -> None:
+    from cnn.registry import MODELS
+
+    for config_cls in (cfg.TrainConfig, cfg.SummaryConfig):
+        fields = {f.name: f for f, _ in cfg.config_fields(config_cls)}
+        assert all(name in fields["model"].metadata["help"] for name in MODELS)
+        for info in MODELS.values():
+            for arg in info.args:
+                if arg.name in fields:
+                    assert fields[arg.name].default == arg.default
+                    assert fields[arg.name].metadata["help"] == f"{info.name}: {arg.help}"
+    train = {f.name for f, _ in cfg.config_fields(cfg.TrainConfig)}
+    assert {a.name for info in MODELS.values() for a in info.args} <= train  # every model's arguments are train options
+    assert cfg.model_options(cfg.TrainConfig(data="d", model="resnet18", weights="w.pt")) == {"weights_path": "w.pt"}
+    assert cfg.model_options(cfg.TrainConfig(data="d", model="resnet18")) == {}
+
+
 def test_yaml_then_overrides(tmp_path: Path) -> None:
     path = tmp_path / "train.yaml"
     path.write_text("data: shards\nepochs: 3\nbatch-size: 16\nlr: 0.01\noptimizer: sgd\n")

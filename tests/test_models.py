@@ -7,13 +7,21 @@ import pytest
 import torch
 
 from cnn.inference import class_probabilities, for_inference, mixed_probabilities
-from cnn.models import MODELS, ModelSpec, build_model, model_from_state, model_state
+from cnn.models import MODELS, ModelSpec, build_model, model_from_state, model_state, register_model
 from cnn.summary import expected_shape, summarize
 from cnn.transforms import BatchAugment, Normalize
 
 
 def test_registry_knows_the_three_models() -> None:
     assert set(MODELS) == {"seed", "simple", "resnet18"}
+
+
+def test_a_builder_takes_the_registrys_defaults_and_may_not_repeat_them() -> None:
+    assert sum(p.numel() for p in build_model(ModelSpec("simple", 2, 32)).parameters()) == sum(
+        p.numel() for p in build_model(ModelSpec("simple", 2, 32, {"width": 32, "depth": 4})).parameters()
+    )
+    with pytest.raises(TypeError, match="width keyword-only, without a default"):
+        register_model("simple")(lambda *, num_classes, image_size, width=32, depth: None)
 
 
 def test_unknown_model_lists_the_known_ones() -> None:

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from data_prep.decode import IMAGE_EXTENSIONS, Limits, UndecodableImage, decode_image
+from data_prep.options import PrepOptions
 from data_prep.scan import scan
 from data_prep.schema import SHARD_FORMAT_VERSION, SHARD_SCHEMA, read_manifest
 from tests.images import encode, label_from_pixels, pattern_pixels
@@ -286,17 +287,17 @@ def test_split_is_stratified_reproducible_and_stable_when_files_are_added(tmp_pa
             (tmp_path / name).touch()
 
     touch([f"{c}/{i}.jpg" for c in ("a", "b") for i in range(300)] + ["c/0.jpg", "c/1.jpg"])
-    first = {f.path: f.split for f in scan(str(tmp_path), val_fraction=0.2, seed=3).files}
-    again = {f.path: f.split for f in scan(str(tmp_path), val_fraction=0.2, seed=3).files}
+    first = {f.path: f.split for f in scan(str(tmp_path), PrepOptions(val_fraction=0.2, seed=3)).files}
+    again = {f.path: f.split for f in scan(str(tmp_path), PrepOptions(val_fraction=0.2, seed=3)).files}
     assert first == again
     for c in ("a", "b"):
         share = sum(s == "val" for p, s in first.items() if p.startswith(c + "/")) / 300
         assert 0.13 < share < 0.27
     assert sorted(s for p, s in first.items() if p.startswith("c/")) == ["train", "val"]  # tiny class
     touch([f"{c}/new_{i}.jpg" for c in ("a", "b") for i in range(200)])
-    grown = {f.path: f.split for f in scan(str(tmp_path), val_fraction=0.2, seed=3).files}
+    grown = {f.path: f.split for f in scan(str(tmp_path), PrepOptions(val_fraction=0.2, seed=3)).files}
     assert all(grown[p] == s for p, s in first.items())
-    other_seed = {f.path: f.split for f in scan(str(tmp_path), val_fraction=0.2, seed=4).files}
+    other_seed = {f.path: f.split for f in scan(str(tmp_path), PrepOptions(val_fraction=0.2, seed=4)).files}
     assert other_seed != grown
 
 

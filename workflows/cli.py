@@ -1,4 +1,5 @@
-"""The `cnnflow` command line, generated from the typed configs in `workflows/config.py`.
+"""The `cnnflow` command line, generated from the typed configs in `workflows/config.py`:
+each option's flag, type, default and help come from its dataclass field.
 
 Each subcommand is one config class plus one `run(config)` function in its stage module,
 imported only when that subcommand runs, so that `cnnflow --help` stays fast (importing
@@ -19,6 +20,7 @@ from click.core import ParameterSource
 
 from data_prep.redact import redact_uri
 from workflows import config as cfg
+from workflows import options
 from workflows.errors import CnnflowError
 from workflows.terminal import quiet_libraries
 
@@ -37,7 +39,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
 # What a user can fix themselves: shown as one line, without a traceback unless --debug.
 # OSError covers what a file system or object store says: a missing file or bucket, an
 # unreachable S3 endpoint, refused credentials, a full disk.
-USER_ERRORS = (CnnflowError, cfg.ConfigError, OSError)
+USER_ERRORS = (CnnflowError, options.ConfigError, OSError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -76,7 +78,7 @@ def _click_type(hint: Any) -> Any:
 
 def _params(config_cls: type) -> list[click.Parameter]:
     params: list[click.Parameter] = []
-    for f, hint in cfg.config_fields(config_cls):
+    for f, hint in options.config_fields(config_cls):
         help_text = f.metadata.get("help", "")
         flag = "--" + f.name.replace("_", "-")
         if f.metadata.get("positional"):
@@ -113,8 +115,8 @@ def resolve_config(config_cls: type, ctx: click.Context, values: dict[str, Any])
         if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
     }
     if config_file:
-        return cfg.load_config(config_cls, config_file, **typed)
-    return cfg.make_config(config_cls, values, source="the command line")
+        return options.load_config(config_cls, config_file, **typed)
+    return options.make_config(config_cls, values, source="the command line")
 
 
 def _runner(target: str) -> Callable[[Any], Any]:

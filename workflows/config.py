@@ -1,28 +1,47 @@
-"""Every option of every command, with its default and help, in one typed place.
+"""The commands' options, each with its default, help and bounds.
 
-The CLI (`workflows/cli.py`) is generated from these dataclasses, YAML files given with
-`--config` are checked against them, and the resolved config is what gets logged to
-MLflow. Precedence: defaults < YAML < command line. Paths have no defaults.
+Each command is one dataclass; `workflows/cli.py` makes its command line from the fields,
+YAML files given with `--config` are checked against them (`workflows/options.py`), and
+the resolved config is what gets logged to MLflow. Precedence: defaults < YAML < command
+line. Paths have no defaults. Options are written where their defaults belong: prep's
+and the image limits in `data_prep/options.py`, each model's own arguments in
+`cnn/registry.py`; the commands here take them from there.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Union
+from dataclasses import dataclass
+from typing import Literal
 
-import yaml
+from data_prep.options import MAX_IMAGE_SIZE, MAX_SEED, MIN_IMAGE_SIZE, ImageLimits, PrepOptions
+from workflows.options import (
+    check,
+    check_experiment_name,
+    check_model,
+    check_model_name,
+    check_range,
+    check_run_name,
+    model_option,
+    models_help,
+    option,
+    positional,
+)
+from workflows.options import (  # noqa: F401  (re-exported: imported from here before they moved)
+    ConfigError,
+    config_fields,
+    load_config,
+    make_config,
+    model_options,
+    read_yaml,
+    to_dict,
+)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default: `mlflow ui` there shows it
 DEFAULT_EXPERIMENT = "cnnflow"
 CHAMPION_ALIAS = "champion"
 
-ResizeMode = Literal["squash", "crop", "pad"]
 OptimizerName = Literal["adamw", "sgd"]
 TestTimeAugmentation = Literal["none", "flip"]  # cnn.inference.TTA_MODES
 OutputFormat = Literal["parquet", "csv"]
@@ -42,44 +61,15 @@ def budget_epochs(train_rows: int, global_batch: int) -> int:
     return max(MIN_EPOCHS, min(MAX_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch)))
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used as given; the message says what is allowed."""
-
-
-def positional(help: str) -> Any:
-    """A required argument (a path or a name): no default, by design."""
-    return field(metadata={"help": help, "positional": True})
-
-
-def option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 # Bounds shared by several options. Values outside them are refused when the config is
-# built, before Ray starts (STYLE.md: validate early, say what is allowed).
-MIN_IMAGE_SIZE = 8
-# Raw uint8 pixels are stored per row: 3 MiB an image at 1024 px, and the CNNs here have
-# no use for more (a larger side only multiplies decode, disk and training memory).
-MAX_IMAGE_SIZE = 1024
+# built, before Ray starts (STYLE.md: validate early, say what is allowed). The image
+# size's and the seed's are prep's (data_prep/options.py).
 MAX_BATCH = 4096  # images per step or model call; more only risks running out of memory
-MAX_SEED = 2**32 - 1  # what numpy's and torch's seeding both accept
 MAX_CHANNELS = 2048  # simple: channels of the last stage, width x 2^(depth-1)
-# MLflow's own limits on names (mlflow.utils.validation), checked here so that a name it
-# would refuse is refused before any work is done.
-MAX_EXPERIMENT_NAME = 500
-MAX_NAME = 250
-# Poison files (see data_prep/decode.py): a file over the size cap is quarantined before
-# it is read; an image whose header promises more pixels than the budget, before it is
-# decoded. Defaults: a 48 Mpx phone photo passes both (its JPEG is ~10-25 MB and decodes
-# at 1/8 scale); at the budget an RGBA PNG decodes to ~200 MB, so a decoding CPU peaks
-# around half a GB. Pillow refuses more than MAX_MEGAPIXELS on its own (2x its 89.5 Mpx
-# decompression-bomb limit), so the budget cannot be raised past that.
-DEFAULT_MAX_FILE_MB, DEFAULT_MAX_MEGAPIXELS = 100.0, 50.0
-MAX_FILE_MB, MAX_MEGAPIXELS = 2048.0, 178.0
 
 
 @dataclass(kw_only=True)
@@ -99,64 +89,19 @@ class RayOptions:
 
     def __post_init__(self) -> None:
         # 0 CPUs would start a Ray that can never run a task: the job would wait forever.
-        _check(self.num_cpus is None or self.num_cpus >= 1, f"num_cpus must be >= 1, got {self.num_cpus}")
+        check(self.num_cpus is None or self.num_cpus >= 1, f"num_cpus must be >= 1, got {self.num_cpus}")
 
 
 @dataclass(kw_only=True)
-class ImageLimits(RayOptions):
-    """What one input file may cost: prep and predict decode with the same limits."""
-
-    max_file_mb: float = option(
-        DEFAULT_MAX_FILE_MB,
-        "Files larger than this (MB) are quarantined (prep) or error rows (predict), unread.",
-    )
-    max_megapixels: float = option(
-        DEFAULT_MAX_MEGAPIXELS,
-        "Images whose header promises more pixels to decode than this (millions; JPEGs count "
-        "at the reduced scale they are decoded at) are quarantined or error rows, undecoded.",
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_range("max_file_mb", self.max_file_mb, 0, MAX_FILE_MB, low_open=True)
-        _check_range("max_megapixels", self.max_megapixels, 0, MAX_MEGAPIXELS, low_open=True)
-
-
-@dataclass(kw_only=True)
-class PrepConfig(ImageLimits):
+class PrepConfig(PrepOptions, RayOptions):
     """Turn an image folder into resized Parquet shards, a manifest and a quality report."""
 
     input: str = positional("Image folder or URI (s3://...), one subfolder per class.")
     output: str = positional("Output folder or URI for shards, manifest.json and report.json.")
-    image_size: int = option(
-        128, f"Side of the square images written, in pixels ({MIN_IMAGE_SIZE}-{MAX_IMAGE_SIZE})."
-    )
-    resize: ResizeMode = option(
-        "squash",
-        "How to make images square: squash (stretch), crop (centre) or pad (letterbox).",
-    )
-    val_fraction: float = option(0.2, "Share of each class held out for validation.")
-    seed: int = option(0, "Seed of the path hash that decides each file's split.")
-    labels: str = option(
-        "folder",
-        "Where labels come from: folder (top-level subfolder), regex:PATTERN "
-        "(first group matched on the file name) or csv:FILE (rows path,label).",
-    )
-    unlabeled: bool = option(False, "Input has no labels: any nesting, label -1, no split.")
-    rows_per_shard: int = option(
-        2048, "Most images per Parquet file (fewer when that keeps every CPU busy)."
-    )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_range("val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
-        _check_range("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
-        _check_range("seed", self.seed, 0, MAX_SEED)
-        _check_range("rows_per_shard", self.rows_per_shard, 1, 1_000_000)
-        _check(
-            self.labels == "folder" or self.labels.startswith(("regex:", "csv:")),
-            f"labels must be folder, regex:PATTERN or csv:FILE, got {self.labels!r}",
-        )
+        RayOptions.__post_init__(self)
+        PrepOptions.__post_init__(self)
 
 
 @dataclass(kw_only=True)
@@ -164,10 +109,10 @@ class TrainConfig(RayOptions):
     """Train a CNN on prepared shards with Ray Train; track it in MLflow and register it."""
 
     data: str = positional("Folder or URI written by `cnnflow prep`.")
-    model: str = option("simple", "Architecture: seed, simple or resnet18.")
-    width: int = option(32, "simple: channels of the first stage (doubling per stage).")
-    depth: int = option(4, "simple: number of conv-pool stages.")
-    weights: str | None = option(None, "resnet18: a local torchvision state_dict to start from.")
+    model: str = option("simple", f"Architecture: {models_help()}.")
+    width: int = model_option("simple", "width")
+    depth: int = model_option("simple", "depth")
+    weights: str | None = model_option("resnet18", "weights")
     epochs: int | None = option(
         None,
         f"Passes over the training data (default: from the data's size, about {TARGET_STEPS:,} "
@@ -207,29 +152,29 @@ class TrainConfig(RayOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_model(self.model)
+        check_model(self.model)
         _check_shape(self.width, self.depth)
-        _check_range("batch_size", self.batch_size, 1, MAX_BATCH)
-        _check_range("workers", self.workers, 1, 1024)
+        check_range("batch_size", self.batch_size, 1, MAX_BATCH)
+        check_range("workers", self.workers, 1, 1024)
         if self.epochs is not None:
-            _check_range("epochs", self.epochs, 1, 10_000)
-        _check_range("lr", self.lr, 0, 10, low_open=True, high_open=True)
-        _check_range("warmup", self.warmup, 0, 1, low_open=True, high_open=True)
-        _check_range("weight_decay", self.weight_decay, 0, 1, high_open=True)
-        _check_range("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
-        _check_range("max_shift", self.max_shift, 0, 0.5, high_open=True)
-        _check_range("ema", self.ema, 0, 1, high_open=True)
-        _check_range("max_failures", self.max_failures, 0, 100)
-        _check_range("seed", self.seed, 0, MAX_SEED)
+            check_range("epochs", self.epochs, 1, 10_000)
+        check_range("lr", self.lr, 0, 10, low_open=True, high_open=True)
+        check_range("warmup", self.warmup, 0, 1, low_open=True, high_open=True)
+        check_range("weight_decay", self.weight_decay, 0, 1, high_open=True)
+        check_range("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        check_range("max_shift", self.max_shift, 0, 0.5, high_open=True)
+        check_range("ema", self.ema, 0, 1, high_open=True)
+        check_range("max_failures", self.max_failures, 0, 100)
+        check_range("seed", self.seed, 0, MAX_SEED)
         check_experiment_name(self.experiment)
         if self.run_name is not None:
-            _check_name("run_name", self.run_name)
+            check_run_name(self.run_name)
         if self.register_as is not None:
             check_model_name(self.register_as, "register_as")
 
 
 @dataclass(kw_only=True)
-class PredictConfig(ImageLimits):
+class PredictConfig(ImageLimits, RayOptions):
     """Classify a folder of images with a registered model; write one row per file."""
 
     input: str = positional("Image folder or URI (any layout), or a `cnnflow prep` output.")
@@ -252,11 +197,12 @@ class PredictConfig(ImageLimits):
     overwrite: bool = option(False, "Replace predictions made by another model version.")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        RayOptions.__post_init__(self)
+        ImageLimits.__post_init__(self)
         if self.batch_size is not None:
-            _check_range("batch_size", self.batch_size, 1, MAX_BATCH)
+            check_range("batch_size", self.batch_size, 1, MAX_BATCH)
         # Each replica is a process holding the model: more than this only exhausts memory.
-        _check_range("workers", self.workers, 1, 256)
+        check_range("workers", self.workers, 1, 256)
 
 
 @dataclass(kw_only=True)
@@ -271,23 +217,23 @@ class PromoteConfig:
 
     def __post_init__(self) -> None:
         check_model_name(self.name, "name", new=False)
-        _check(self.version is None or self.version >= 1, f"version must be >= 1, got {self.version}")
+        check(self.version is None or self.version >= 1, f"version must be >= 1, got {self.version}")
 
 
 @dataclass(kw_only=True)
 class SummaryConfig:
     """Print a model's layers: output shapes, weights, biases and totals."""
 
-    model: str = option("seed", "Architecture: seed, simple or resnet18.")
+    model: str = option("seed", f"Architecture: {models_help()}.")
     image_size: int = option(300, "Input side in pixels.")
     num_classes: int = option(2, "Output classes (1: a single logit, as the tutorial).")
-    width: int = option(32, "simple: channels of the first stage.")
-    depth: int = option(4, "simple: number of conv-pool stages.")
+    width: int = model_option("simple", "width")
+    depth: int = model_option("simple", "depth")
 
     def __post_init__(self) -> None:
-        _check_model(self.model)
-        _check_range("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
-        _check_range("num_classes", self.num_classes, 1, 100_000)
+        check_model(self.model)
+        check_range("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+        check_range("num_classes", self.num_classes, 1, 100_000)
         _check_shape(self.width, self.depth)
 
 
@@ -300,7 +246,7 @@ class RunsConfig:
 
     def __post_init__(self) -> None:
         check_experiment_name(self.experiment, new=False)
-        _check_range("max_runs", self.max_runs, 1, 1000)
+        check_range("max_runs", self.max_runs, 1, 1000)
 
 
 @dataclass(kw_only=True)
@@ -359,14 +305,14 @@ class TuneConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_range("trials", self.trials, 1, 10_000)
+        check_range("trials", self.trials, 1, 10_000)
         if self.time_budget is not None:  # seconds; inf is "no limit", which is leaving it out
-            _check_range("time_budget", self.time_budget, 0, 365 * 86400, low_open=True)
-        _check_range("grace", self.grace, 0, 1, low_open=True)
+            check_range("time_budget", self.time_budget, 0, 365 * 86400, low_open=True)
+        check_range("grace", self.grace, 0, 1, low_open=True)
         unknown = sorted(set(self.search_options()) - set(SEARCHABLE))
-        _check(not unknown, f"search: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+        check(not unknown, f"search: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                f"searchable: {', '.join(SEARCHABLE)}")
-        _check(
+        check(
             self.name is None or re.fullmatch(r"[\w.-]+", self.name) is not None,
             f"name must be a folder name of letters, digits, '.', '_' and '-', got {self.name!r}",
         )
@@ -375,144 +321,11 @@ class TuneConfig(TrainConfig):
         return [s.strip().replace("-", "_") for s in self.search.split(",") if s.strip()]
 
 
-def model_options(config: TrainConfig | SummaryConfig) -> dict[str, Any]:
-    """The model-specific constructor arguments a config carries for its model."""
-    if config.model == "simple":
-        return {"width": config.width, "depth": config.depth}
-    if config.model == "resnet18" and getattr(config, "weights", None):
-        return {"weights_path": config.weights}
-    return {}
-
-
-# --- building configs from mappings (YAML, the CLI) -------------------------------------
-
-
-def _check_model(name: str) -> None:
-    from cnn.models import MODELS
-
-    _check(name in MODELS, f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _check_range(
-    name: str, value: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False
-) -> None:
-    """low <= value <= high (or < where open); NaN fails every comparison, so it is refused too."""
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    def show(bound: float) -> str:
-        return str(int(bound)) if float(bound).is_integer() else str(bound)
-
-    interval = f"{'(' if low_open else '['}{show(low)}, {show(high)}{')' if high_open else ']'}"
-    _check(above and below, f"{name} must be in {interval}, got {value}")
-
-
 def _check_shape(width: int, depth: int) -> None:
-    _check_range("width", width, 1, MAX_CHANNELS)
-    _check_range("depth", depth, 1, 10)  # 2^10 = MAX_IMAGE_SIZE: each stage halves the side
-    _check(
+    check_range("width", width, 1, MAX_CHANNELS)
+    check_range("depth", depth, 1, 10)  # 2^10 = MAX_IMAGE_SIZE: each stage halves the side
+    check(
         width * 2 ** (depth - 1) <= MAX_CHANNELS,
         f"width x 2^(depth-1) (channels of the last stage) must be <= {MAX_CHANNELS}, "
         f"got {width} x 2^{depth - 1} = {width * 2 ** (depth - 1)}",
     )
-
-
-def _check_name(what: str, name: str, limit: int = MAX_NAME, *, new: bool = True) -> None:
-    """A name MLflow stores: not empty, printable, not too long; a `new` one (which cnnflow
-    creates) without quotes either.
-
-    MLflow's search syntax has no escape character, so a name with both kinds of quote
-    could never be searched for: names cnnflow creates hold no quote or backtick, which
-    keeps them usable in MLflow's UI search box too. A name being looked up (made by
-    another tool) may hold them: tracking.literal quotes it.
-    """
-    _check(name.strip() != "", f"{what} must not be empty")
-    _check(len(name) <= limit, f"{what} must be at most {limit} characters, got {len(name)}")
-    _check(name.isprintable(), f"{what} must not contain control characters, got {name!r}")
-    _check(not new or not set(name) & set("'\"`"), f"{what} must not contain quotes or backticks, got {name!r}")
-
-
-def check_experiment_name(name: str, *, new: bool = True) -> None:
-    _check_name("experiment", name, MAX_EXPERIMENT_NAME, new=new)
-
-
-def check_model_name(name: str, what: str = "registered model name", *, new: bool = True) -> None:
-    """MLflow's rules for registered model names, plus _check_name's."""
-    import posixpath
-
-    _check_name(what, name, new=new)
-    _check("/" not in name and ":" not in name, f"{what} must not contain '/' or ':' (MLflow's rule), got {name!r}")
-    # MLflow stores a model under its name as a path: the name must be its own normal form.
-    norm = posixpath.normpath(name)
-    _check(norm == name and not norm.startswith("."), f"{what} {name!r} is not a plain name (MLflow's rule)")
-
-
-def _coerce(name: str, hint: Any, value: Any) -> Any:
-    """Check one value against its type hint; accept what YAML naturally gives."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return None if value is None else _coerce(name, args[0], value)
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        _check(value in allowed, f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
-        return value
-    if hint is bool:
-        _check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        _check(isinstance(value, (str, Path)), f"{name} must be a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def config_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
-    hints = typing.get_type_hints(cls)
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
-
-
-def make_config(cls: type, values: dict[str, Any], source: str = "config") -> Any:
-    """Build `cls` from a mapping; an unknown key is an error that lists the valid ones."""
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    fields = config_fields(cls)
-    valid = [f.name for f, _ in fields]
-    unknown = sorted(set(values) - set(valid))
-    _check(not unknown, f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {source}; valid keys: {', '.join(valid)}")
-    missing = [f.name for f, _ in fields if f.metadata.get("positional") and values.get(f.name) is None]
-    _check(not missing, f"missing {', '.join(missing)} in {source}")
-    hints = dict((f.name, hint) for f, hint in fields)
-    return cls(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Plain YAML only: a python tag or broken syntax is a ConfigError naming where."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not a text file") from None
-    except yaml.MarkedYAMLError as exc:  # ConstructorError (!!python/...), ParserError, ScannerError
-        where = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark else ""
-        raise ConfigError(f"{path}{where}: {exc.problem or exc.context}; give plain option: value lines") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not YAML ({type(exc).__name__})") from None
-    _check(isinstance(data, dict), f"{path} must hold a mapping of option: value, got {type(data).__name__}")
-    return data
-
-
-def load_config(cls: type, path: str | Path, **overrides: Any) -> Any:
-    """YAML file, then keyword overrides (the command line) on top."""
-    return make_config(cls, {**read_yaml(path), **overrides}, source=str(path))
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from data_prep.lock import output_lock
-from workflows.config import PrepConfig, to_dict
+from workflows.config import PrepConfig
 from workflows.errors import CnnflowError
 from workflows.ray_runtime import ray_session
 from workflows.terminal import plain, progress_bar, text
@@ -26,10 +26,7 @@ def run(config: PrepConfig) -> int:
     # prepare() checks OUTPUT again once this job holds its lock.
     try:
         check_paths(config.input, config.output)
-        found = scan(
-            config.input, labels=config.labels, unlabeled=config.unlabeled,
-            val_fraction=config.val_fraction, seed=config.seed,
-        )  # fmt: skip
+        found = scan(config.input, config)
         with output_lock(config.output):
             result = _prepare(config, found)
     except PrepError as exc:
@@ -39,7 +36,6 @@ def run(config: PrepConfig) -> int:
 
 
 def _prepare(config: PrepConfig, found: Any) -> Any:
-    from data_prep.decode import Limits
     from data_prep.pipeline import prepare
 
     console = Console(stderr=True)
@@ -49,21 +45,8 @@ def _prepare(config: PrepConfig, found: Any) -> Any:
         def on_progress(done: int, total: int) -> None:
             progress.update(task, description="decoding", completed=done, total=total)
 
-        return prepare(
-            config.input,
-            config.output,
-            image_size=config.image_size,
-            resize=config.resize,
-            val_fraction=config.val_fraction,
-            seed=config.seed,
-            labels=config.labels,
-            unlabeled=config.unlabeled,
-            rows_per_shard=config.rows_per_shard,
-            limits=Limits.of(config.max_file_mb, config.max_megapixels),
-            options=to_dict(config),
-            on_progress=on_progress,
-            found=found,
-        )
+        # config is a PrepOptions: prepare() takes it whole, and records all of it in the manifest
+        return prepare(config.input, config.output, config, on_progress=on_progress, found=found)
 
 
 def print_summary(console: Console, manifest: dict[str, Any], report: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from data_prep import schema
+from data_prep.options import PrepOptions
 from data_prep.scan import PrepError, normalize_uri, scan
 from workflows.errors import CnnflowError
 
@@ -44,7 +45,7 @@ def find_inputs(uri: str, preprocessing: dict[str, Any]) -> Inputs:
         return _prep_output(uri, fs, root, preprocessing)
 
     try:  # prep's own listing: the same files count as images, the same are skipped
-        found = scan(uri, unlabeled=True)
+        found = scan(uri, PrepOptions(unlabeled=True))
     except PrepError as exc:
         raise CnnflowError(str(exc)) from None
     # Names that are not UTF-8 are listed under a readable form: one error row each.

@@ -34,7 +34,7 @@ from cnn.inference import class_probabilities, test_time_augmentation
 from cnn.models import ModelSpec, model_from_state
 from cnn.transforms import Normalize
 from data_prep.decode import UndecodableImage, decode_image
-from workflows.config import DEFAULT_MAX_MEGAPIXELS
+from data_prep.options import DEFAULT_MAX_MEGAPIXELS
 
 MAX_PIXELS = int(DEFAULT_MAX_MEGAPIXELS * 1_000_000)  # predict's default pixel budget, for the same rows
 
