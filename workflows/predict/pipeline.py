@@ -4,7 +4,7 @@
 
 Both kinds of INPUT meet in the middle in the shard format: a binary `image` column of
 raw uint8 pixels (size x size x 3, RGB), so a prep output skips the decode stage and an
-image folder is decoded with prep's own `decode_image`. Rows that could not be read or
+image folder is read and decoded with prep's own `load_image`. Rows that could not be read or
 decoded carry `error` and a null `image` and pass through the model stage untouched, so
 every input yields exactly one output row, even one whose decoding kills its worker
 (`decode_batch`). `build_dataset` joins the stages; the model stage is `scorer.py`.
@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from data_prep.decode import Limits, UndecodableImage, decode_image, read_file
+from data_prep.decode import Limits, load_image
 from data_prep.isolate import CRASHED, run_isolating
 from workflows.predict.scorer import Scorer
 
@@ -97,15 +97,8 @@ def decode_files(
     """Paths relative to `root` -> (raw pixels, None), or (None, why not) for each."""
     out: list[tuple[bytes | None, str | None]] = []
     for rel in paths:
-        try:
-            data = read_file(filesystem, f"{root}/{rel}", max_bytes=limits.max_bytes)
-            decoded = decode_image(data, size=size, resize=resize, max_pixels=limits.max_pixels)
-        except UndecodableImage as exc:  # also a file over the size cap, never read
-            out.append((None, str(exc)))
-        except OSError as exc:
-            out.append((None, f"unreadable: {exc}"))
-        else:
-            out.append((decoded.pixels.tobytes(), None))
+        loaded = load_image(f"{root}/{rel}", size=size, resize=resize, limits=limits, filesystem=filesystem)
+        out.append((None, loaded.error) if loaded.error is not None else (loaded.decoded.pixels.tobytes(), None))
     return out
 
 
