@@ -52,13 +52,13 @@ def write_digits(folder: Path) -> None:
 
 def plain_pytorch(data: str, args: argparse.Namespace) -> tuple[list[float], float]:
     """(a): the same training step over in-memory tensors; images/s per epoch, val accuracy."""
-    import pyarrow.parquet as pq
     import torch
     import torch.nn.functional as F
 
     from cnn.models import ModelSpec, build_model
     from cnn.transforms import BatchAugment, Normalize
-    from data_prep.schema import pixels, read_manifest
+    from data_prep.schema import read_manifest
+    from data_prep.shard_reader import read_table, to_pixels
     from workflows.train.driver import CPU_CHANNELS_LAST
     from workflows.train.loop import make_optimizer, one_cycle
 
@@ -66,8 +66,8 @@ def plain_pytorch(data: str, args: argparse.Namespace) -> tuple[list[float], flo
     size = manifest["image_size"]
 
     def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        table = pq.read_table(f"{data}/{split}", columns=["image", "label"])
-        return torch.from_numpy(pixels(table["image"], size).copy()), torch.tensor(table["label"].to_numpy(), dtype=torch.long)
+        table = read_table(data, split, columns=["image", "label"])
+        return torch.from_numpy(to_pixels(table["image"], size).copy()), torch.tensor(table["label"].to_numpy(), dtype=torch.long)
 
     x_train, y_train = load("train")
     x_val, y_val = load("val")

@@ -1,7 +1,9 @@
-"""One decode-and-resize function, shared by prep, predict and the logged MLflow model.
+"""One read-and-decode function, shared by prep, predict and the logged MLflow model.
 
-Training and prediction call the same `decode_image`, so pixels cannot drift between them,
-and read files with the same `read_file`, so one size cap applies to both.
+`load_image` is what they call: a file (or bytes already in memory) in, its pixels or
+the reason why not out. Training and prediction thus decode with the same `decode_image`,
+so pixels cannot drift between them, and read files with the same `read_file`, so one
+size cap applies to both.
 Steps: open (header only) -> JPEG draft mode (the decoder scales by 1/2, 1/4 or 1/8 while
 decoding, never below the target) -> refuse more pixels than the budget, from the header,
 before anything is decoded -> EXIF orientation ->
@@ -88,6 +90,37 @@ class Decoded:
     source_mode: str  # Pillow mode of the file: RGB, L, P, RGBA, CMYK, I;16, ...
     source_format: str  # Pillow format: JPEG, PNG, GIF, WEBP, ...
     exif_transposed: bool  # an EXIF orientation other than "upright" was applied
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A file read and decoded (`decoded`), or why not (`error`): one of the two is set."""
+
+    data: bytes | None  # the file's bytes, when they could be read (prep hashes them)
+    decoded: Decoded | None
+    error: str | None
+
+
+def load_image(
+    source: str | bytes, *, size: int, resize: str, limits: Limits, filesystem: pafs.FileSystem | None = None
+) -> Loaded:
+    """Read and decode one image; never raises for a bad or unreadable file.
+
+    With `filesystem`, `source` is a path in it, read with `read_file` (the byte cap is
+    checked before reading); without, `source` is the file's content already in memory,
+    decoded as given (the cap is there to bound what is read). The error is
+    UndecodableImage's reason (also a file over the size cap or the pixel budget), or
+    "unreadable: ..." when the file cannot be read.
+    """
+    data = None
+    try:
+        data = source if filesystem is None else read_file(filesystem, source, max_bytes=limits.max_bytes)
+        decoded = decode_image(data, size=size, resize=resize, max_pixels=limits.max_pixels)
+    except UndecodableImage as exc:
+        return Loaded(data, None, exc.reason)
+    except OSError as exc:  # vanished, permission denied, network error
+        return Loaded(None, None, f"unreadable: {exc}")
+    return Loaded(data, decoded, None)
 
 
 def decode_image(data: bytes, *, size: int, resize: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Decoded:

@@ -1,14 +1,16 @@
 """The on-disk contract between prep, train and predict: shard schema and manifest.
 
 Shard format version 1 (docs/architecture.md, Formats): one row per image, raw RGB uint8 pixels of
-image_size x image_size x 3, row-major, in the `image` column.
+image_size x image_size x 3, row-major, in the `image` column. Shards are read only
+through data_prep/shard_reader.py. Binary rather than Arrow's fixed_shape_tensor: Parquet
+stores a uint8 tensor as one INT32 value per pixel, which read 7-9x slower with pyarrow
+and 1.2-2.6x slower through Ray Data (bench/bench_shard_format.py).
 """
 from __future__ import annotations
 
 import json
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
@@ -17,6 +19,7 @@ MANIFEST = "manifest.json"
 REPORT = "report.json"
 QUARANTINE = "quarantine.csv"
 TRAIN, VAL, UNLABELED = "train", "val", "data"  # shard subfolders
+SPLITS = (TRAIN, VAL, UNLABELED)  # every subfolder a prep output may have
 UNLABELED_LABEL = -1
 
 SHARD_SCHEMA = pa.schema(
@@ -98,22 +101,3 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     if version != SHARD_FORMAT_VERSION:
         raise ValueError(f"{data_dir}: shard format {version}, this cnnflow reads {SHARD_FORMAT_VERSION}")
     return manifest
-
-
-def pixels(images: pa.Array | pa.ChunkedArray, image_size: int) -> np.ndarray:
-    """The `image` column as one uint8 (N, S, S, 3) array, with no per-row Python loop.
-
-    Every row holds S*S*3 bytes, so the column's data buffer already is the batch: this
-    is a read-only view of it (one copy only if the column came in several chunks).
-    """
-    arr = images.combine_chunks() if isinstance(images, pa.ChunkedArray) else images
-    n, row = len(arr), image_size * image_size * 3
-    offset_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
-    offsets = np.frombuffer(arr.buffers()[1], dtype=offset_type, count=n + 1, offset=arr.offset * offset_type().itemsize)
-    if n and not (np.diff(offsets) == row).all():
-        bad = int(np.flatnonzero(np.diff(offsets) != row)[0])
-        raise ValueError(f"image row {bad} has {offsets[bad + 1] - offsets[bad]} bytes, expected {row} ({image_size}x{image_size}x3)")
-    if n == 0:
-        return np.empty((0, image_size, image_size, 3), dtype=np.uint8)
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8, count=n * row, offset=int(offsets[0]))
-    return data.reshape(n, image_size, image_size, 3)

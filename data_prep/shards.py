@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep.decode import Decoded, Limits, UndecodableImage, decode_image, read_file
+from data_prep.decode import Decoded, Limits, load_image
 from data_prep.schema import SHARD_SCHEMA, TRAIN, join, resolve
 
 COMPRESSION = "zstd"  # raw pixels: ~10-30% smaller, decompresses at GB/s
@@ -113,14 +113,11 @@ def write_chunk(
     writers: dict[str, _ShardWriter] = {}
     done = 0
     for path, label, split in files:
-        try:
-            data = read_file(fs, join(root, path), max_bytes=limits.max_bytes)
-            decoded = decode_image(data, size=size, resize=resize, max_pixels=limits.max_pixels)
-        except UndecodableImage as exc:
-            result.quarantined.append({"path": path, "reason": exc.reason})
-        except OSError as exc:  # vanished, permission denied, network error
-            result.quarantined.append({"path": path, "reason": f"unreadable: {exc}"})
+        loaded = load_image(join(root, path), size=size, resize=resize, limits=limits, filesystem=fs)
+        if loaded.error is not None:
+            result.quarantined.append({"path": path, "reason": loaded.error})
         else:
+            data, decoded = loaded.data, loaded.decoded
             sha = hashlib.sha256(data).hexdigest()
             if split not in writers:
                 writers[split] = _ShardWriter(join(output, split, name), decoded.pixels.nbytes)
@@ -143,11 +140,7 @@ def probe_chunk(input: str, files: list[tuple[str, int, str]], *, size: int, res
     A file that fails as it would in write_chunk is write_chunk's to quarantine, not this."""
     fs, root = resolve(input)
     for path, _, _ in files:
-        try:
-            decode_image(read_file(fs, join(root, path), max_bytes=limits.max_bytes), size=size, resize=resize,
-                         max_pixels=limits.max_pixels)
-        except (UndecodableImage, OSError):
-            pass
+        load_image(join(root, path), size=size, resize=resize, limits=limits, filesystem=fs)
     return [None] * len(files)
 
 

@@ -16,7 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,8 @@ from click.testing import CliRunner
 from cnn.models import ModelSpec, build_model, model_state
 from data_prep.lock import LOCK_FILE, output_lock
 from data_prep.pipeline import check_paths
-from data_prep.schema import TRAIN, join, pixels, read_manifest
+from data_prep.schema import TRAIN, read_manifest
+from data_prep.shard_reader import read_table, to_pixels
 from tests.test_train import prepare
 from workflows import prep, tracking
 from workflows.cli import cli
@@ -139,8 +139,8 @@ def register(data: Path, name: str, *, steps: int, seed: int) -> int:
     spec = ModelSpec("seed", len(manifest["classes"]), manifest["image_size"])
     torch.manual_seed(seed)
     model = build_model(spec)
-    table = pads.dataset(join(str(data), TRAIN), format="parquet").to_table(columns=["image", "label"])
-    x = normalizer(preprocessing)(torch.from_numpy(pixels(table["image"], manifest["image_size"]).copy()))
+    table = read_table(str(data), TRAIN, columns=["image", "label"])
+    x = normalizer(preprocessing)(torch.from_numpy(to_pixels(table["image"], manifest["image_size"]).copy()))
     y = torch.tensor(table["label"].to_numpy(), dtype=torch.long)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(steps):

@@ -12,14 +12,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from data_prep import schema
 from data_prep.options import PrepOptions
 from data_prep.scan import PrepError, normalize_uri, scan
+from data_prep.shard_reader import iter_batches, shard_files
 from workflows.errors import CnnflowError
-
-SHARD_SPLITS = (schema.TRAIN, schema.VAL, schema.UNLABELED)
 
 
 @dataclass(frozen=True)
@@ -29,7 +27,7 @@ class Inputs:
     root: str  # INPUT's path in `filesystem`
     paths: pa.Array  # every input, relative to INPUT (string)
     skipped: dict[str, int]  # files and links left out (not images, outside INPUT, loops), by reason
-    shard_files: list[str]  # prep output only
+    shards: str | None  # a prep output: its URI (its schema.SPLITS read with data_prep.shard_reader)
     unreadable: dict[str, str] = field(default_factory=dict)  # path as shown -> why it cannot be opened
 
 
@@ -52,7 +50,7 @@ def find_inputs(uri: str, preprocessing: dict[str, Any]) -> Inputs:
     unreadable = {q["path"]: q["reason"] for q in found.quarantined}
     paths = pa.array([f.path for f in found.files] + list(unreadable), pa.string())
     skipped = dict(Counter(s["reason"] for s in found.skipped))
-    return Inputs("image folder", fs, root, paths, skipped, [], unreadable)
+    return Inputs("image folder", fs, root, paths, skipped, None, unreadable)
 
 
 def _prep_output(uri: str, fs: pafs.FileSystem, root: str, preprocessing: dict[str, Any]) -> Inputs:
@@ -65,13 +63,9 @@ def _prep_output(uri: str, fs: pafs.FileSystem, root: str, preprocessing: dict[s
             f"{uri} was prepared at {got[0]} px ({got[1]}) but the model expects {want[0]} px ({want[1]}); "
             f"run `cnnflow prep` again with --image-size {want[0]} --resize {want[1]}, or predict on the image folder"
         )
-    files = []
-    for split in SHARD_SPLITS:
-        selector = pafs.FileSelector(schema.join(root, split), allow_not_found=True)
-        files += sorted(e.path for e in fs.get_file_info(selector) if e.path.endswith(".parquet"))
-    if not files:
-        raise CnnflowError(f"{uri} has a manifest but no shards under {', '.join(SHARD_SPLITS)}/")
-    paths = pa.concat_arrays(
-        [pq.read_table(f, columns=["path"], filesystem=fs).column("path").combine_chunks() for f in files]
-    )
-    return Inputs("prep output", fs, root, paths, {}, files)
+    shards = normalize_uri(uri)
+    if not shard_files(shards, schema.SPLITS)[1]:
+        raise CnnflowError(f"{uri} has a manifest but no shards under {', '.join(schema.SPLITS)}/")
+    batches = iter_batches(shards, schema.SPLITS, columns=["path"], batch_size=2**16)
+    paths = pa.concat_arrays([pa.array([], pa.string())] + [b.column(0) for b in batches])
+    return Inputs("prep output", fs, root, paths, {}, shards)

@@ -3,11 +3,11 @@
     paths --decode tasks (CPU)--> image bytes | error --Scorer actors (model)--> output rows
 
 Both kinds of INPUT meet in the middle in the shard format: a binary `image` column of
-raw uint8 pixels (size x size x 3, RGB), so a prep output skips the decode stage and an
-image folder is decoded with prep's own `decode_image`. Rows that could not be read or
-decoded carry `error` and a null `image` and pass through the model stage untouched, so
-every input yields exactly one output row, even one whose decoding kills its worker
-(`decode_batch`). `build_dataset` joins the stages; the model stage is `scorer.py`.
+raw uint8 pixels (size x size x 3, RGB), so a prep output (read by data_prep/shard_reader.py)
+skips the decode stage and an image folder is read and decoded by prep's own `load_image`.
+Rows that could not be read or decoded carry `error` and a null `image` and pass through
+the model stage untouched, so every input yields exactly one output row, even one whose
+decoding kills its worker (`decode_batch`). `build_dataset` joins the stages; the model stage is `scorer.py`.
 
 How the work is spread over CPUs matters more than anything else here (measured on a
 2-core machine, see bench/bench_predict.py): the model actors must leave at least one
@@ -26,8 +26,10 @@ import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from data_prep.decode import Limits, UndecodableImage, decode_image, read_file
+from data_prep.decode import Limits, load_image
 from data_prep.isolate import CRASHED, run_isolating
+from data_prep.schema import SPLITS
+from data_prep.shard_reader import read_dataset
 from workflows.predict.scorer import Scorer
 
 if TYPE_CHECKING:
@@ -97,15 +99,8 @@ def decode_files(
     """Paths relative to `root` -> (raw pixels, None), or (None, why not) for each."""
     out: list[tuple[bytes | None, str | None]] = []
     for rel in paths:
-        try:
-            data = read_file(filesystem, f"{root}/{rel}", max_bytes=limits.max_bytes)
-            decoded = decode_image(data, size=size, resize=resize, max_pixels=limits.max_pixels)
-        except UndecodableImage as exc:  # also a file over the size cap, never read
-            out.append((None, str(exc)))
-        except OSError as exc:
-            out.append((None, f"unreadable: {exc}"))
-        else:
-            out.append((decoded.pixels.tobytes(), None))
+        loaded = load_image(f"{root}/{rel}", size=size, resize=resize, limits=limits, filesystem=filesystem)
+        out.append((None, loaded.error) if loaded.error is not None else (loaded.decoded.pixels.tobytes(), None))
     return out
 
 
@@ -167,10 +162,8 @@ def build_dataset(config: PredictConfig, inputs: Inputs, todo: pa.Array, classif
         config.workers, gpu=config.gpu, cluster_cpus=resources.get("CPU", 1), cluster_gpus=resources.get("GPU", 0)
     )
     size, resize = classifier.preprocessing["image_size"], classifier.preprocessing["resize"]
-    if inputs.shard_files:
-        ds = ray.data.read_parquet(
-            inputs.shard_files, filesystem=inputs.filesystem, columns=["path", "image"], num_cpus=plan.decode_cpus
-        )
+    if inputs.shards:
+        ds = read_dataset(inputs.shards, SPLITS, columns=["path", "image"], num_cpus=plan.decode_cpus)
         if len(scored):
             ds = ds.map_batches(drop_scored, batch_format="pyarrow", batch_size=None,
                                 num_cpus=plan.decode_cpus, fn_kwargs={"scored": scored})

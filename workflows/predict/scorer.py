@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from data_prep import schema
+from data_prep.shard_reader import to_pixels
 from workflows.predict.output import OUTPUT_SCHEMA
 
 
@@ -69,7 +69,7 @@ class Scorer:
         ok = pc.is_null(batch.column("error")).to_numpy(zero_copy_only=False)
         probs = np.zeros((0, width), np.float32)
         if ok.any():
-            probs = self.probabilities(schema.pixels(pc.filter(batch.column("image"), pa.array(ok)), self.size))
+            probs = self.probabilities(to_pixels(pc.filter(batch.column("image"), pa.array(ok)), self.size))
         # Scatter the scored rows back among the error rows (null there), in input order.
         best = np.zeros(n, np.int64)
         best[ok] = probs.argmax(axis=1)

@@ -10,7 +10,7 @@ A logged model holds two plain files and no pickled weights:
 
 `ImageClassifier.predict` takes a DataFrame with an `image` column of encoded bytes (any
 format Pillow reads) and returns `label`, `score`, `probabilities` and `error` (null, or
-why that row could not be decoded). Decoding is prep's own `decode_image`, normalisation
+why that row could not be decoded). Decoding is prep's own `load_image`, normalisation
 is `cnn.transforms.Normalize`, so a pyfunc prediction matches `cnnflow predict`.
 
 The model is logged "from code": a three-line file that imports this class (no pickle),
@@ -33,10 +33,12 @@ from torch import nn
 from cnn.inference import class_probabilities, test_time_augmentation
 from cnn.models import ModelSpec, model_from_state
 from cnn.transforms import Normalize
-from data_prep.decode import UndecodableImage, decode_image
-from data_prep.options import DEFAULT_MAX_MEGAPIXELS
+from data_prep.decode import Limits, load_image
+from data_prep.options import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_MEGAPIXELS
 
-MAX_PIXELS = int(DEFAULT_MAX_MEGAPIXELS * 1_000_000)  # predict's default pixel budget, for the same rows
+# predict's default budget, for the same rows (the byte cap bounds reading: bytes given in
+# a DataFrame are decoded as given)
+LIMITS = Limits.of(DEFAULT_MAX_FILE_MB, DEFAULT_MAX_MEGAPIXELS)
 
 WEIGHTS = "weights.pt"
 PREPROCESSING = "preprocessing.json"
@@ -73,12 +75,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         classes = self.preprocessing["classes"]
         images, errors = [], []
         for data in model_input["image"]:
-            try:
-                images.append(decode_image(data, size=size, resize=resize, max_pixels=MAX_PIXELS).pixels)
-                errors.append(None)
-            except UndecodableImage as exc:  # a row with its reason, never a silent drop
-                images.append(None)
-                errors.append(exc.reason)
+            loaded = load_image(data, size=size, resize=resize, limits=LIMITS)  # a row with its reason, never a silent drop
+            images.append(loaded.decoded.pixels if loaded.error is None else None)
+            errors.append(loaded.error)
         good = [i for i, img in enumerate(images) if img is not None]
         labels: list[str | None] = [None] * len(images)
         scores = np.full(len(images), np.nan, dtype=np.float32)

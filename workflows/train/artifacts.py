@@ -14,7 +14,8 @@ import yaml
 from matplotlib.figure import Figure
 
 from cnn.summary import summarize
-from data_prep.schema import VAL, join, pixels, resolve
+from data_prep.schema import VAL
+from data_prep.shard_reader import iter_batches, to_pixels
 from workflows import tracking
 from workflows.train.evaluation import Evaluation
 from workflows.train.plan import Plan, resolved_options
@@ -82,11 +83,9 @@ def misclassified_figure(evaluation: Evaluation, classes: list[str]) -> Figure:
 
 def example_image(p: Plan) -> bytes:
     """One validation image as PNG bytes: the logged model's input example (MLflow checks it)."""
-    import pyarrow.dataset as pads
     from PIL import Image
 
-    fs, path = resolve(join(p.data, VAL))
-    batch = next(pads.dataset(path, filesystem=fs, format="parquet").to_batches(columns=["image"], batch_size=1))
+    batch = next(iter_batches(p.data, VAL, columns=["image"], batch_size=1))
     buf = io.BytesIO()
-    Image.fromarray(pixels(batch["image"], p.spec.image_size)[0]).save(buf, format="PNG")
+    Image.fromarray(to_pixels(batch["image"], p.spec.image_size)[0]).save(buf, format="PNG")
     return buf.getvalue()

@@ -19,7 +19,8 @@ import click
 import torch
 
 from cnn.models import model_from_state
-from data_prep.schema import TRAIN, VAL, join
+from data_prep.schema import TRAIN, VAL
+from data_prep.shard_reader import read_dataset
 from workflows import tracking
 from workflows.config import TrainConfig
 from workflows.errors import CnnflowError
@@ -200,14 +201,12 @@ def read_split(p: Plan, split: str) -> Any:
     advice), which on small data saves seconds per epoch.
     """
     import ray
-    import ray.data
 
     # Seeded file order and order-preserving execution: the same --seed reads the same
     # rows in the same order, so a run can be repeated (the per-epoch shuffle is seeded
     # in the loop).
-    shuffle = ray.data.FileShuffleConfig(seed=p.config.seed) if split == TRAIN else None
-    ds = ray.data.read_parquet(join(p.data, split), columns=["image", "label"], shuffle=shuffle)
-    ds.context.execution_options.preserve_order = True
+    seed = p.config.seed if split == TRAIN else None
+    ds = read_dataset(p.data, split, columns=["image", "label"], shuffle_seed=seed, preserve_order=True)
     nbytes = int(p.manifest["num_rows"][split]) * p.spec.image_size**2 * 3
     if nbytes < MATERIALIZE_FRACTION * ray.available_resources().get("object_store_memory", 0):
         ds = ds.materialize()

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow.dataset as pads
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cnn.inference import class_probabilities, test_time_augmentation
-from data_prep.schema import VAL, join, pixels, read_manifest, resolve
+from data_prep.schema import VAL, read_manifest
+from data_prep.shard_reader import iter_batches, to_pixels
 from workflows.errors import CnnflowError
 from workflows.tracking.pyfunc_model import normalizer
 
@@ -58,14 +58,12 @@ def evaluate(
     """Stream DATA/val in batches through the model; memory holds labels, not images."""
     manifest = read_manifest(data)
     check_compatible(preprocessing, manifest, data, what)
-    fs, path = resolve(join(data, VAL))
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
     model = model.to(device).eval()
     normalize = normalizer(preprocessing).to(device)
     labels, predictions, misclassified = [], [], []
     loss_sum = 0.0
-    for batch in dataset.to_batches(columns=["image", "label"], batch_size=EVAL_BATCH):
-        images = torch.from_numpy(pixels(batch["image"], manifest["image_size"]).copy()).to(device)
+    for batch in iter_batches(data, VAL, columns=["image", "label"], batch_size=EVAL_BATCH):
+        images = torch.from_numpy(to_pixels(batch["image"], manifest["image_size"]).copy()).to(device)
         target = torch.tensor(batch["label"].to_numpy(), dtype=torch.long, device=device)
         probs = class_probabilities(model, normalize, images, tta=test_time_augmentation(preprocessing))
         loss_sum += F.nll_loss(probs.clamp_min(1e-12).log(), target, reduction="sum").item()

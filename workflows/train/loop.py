@@ -41,7 +41,7 @@ from torch.optim.swa_utils import AveragedModel
 from cnn.inference import class_probabilities
 from cnn.models import ModelSpec, build_model, model_state
 from cnn.transforms import BatchAugment, Normalize
-from data_prep.schema import pixels
+from data_prep.shard_reader import to_pixels
 from workflows import tracking
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -81,13 +81,16 @@ class LoopConfig:
 
 
 class ShardBatch(ArrowBatchCollateFn):
-    """Arrow batch of shard rows -> (uint8 (N, S, S, 3), int64 (N,)) tensors."""
+    """Arrow batch of shard rows -> (uint8 (N, S, S, 3), int64 (N,)) tensors.
 
-    def __init__(self, image_size: int):
+    `image_size`, when given, is checked against every row."""
+
+    def __init__(self, image_size: int | None = None):
         self.image_size = image_size
 
     def __call__(self, batch: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.from_numpy(pixels(batch["image"], self.image_size).copy())  # one memcpy
+        images = to_pixels(batch["image"], self.image_size)
+        images = torch.from_numpy(images if images.flags.writeable else images.copy())  # one memcpy either way
         labels = torch.tensor(batch["label"].to_numpy(), dtype=torch.long)
         return images, labels
 
