@@ -123,6 +123,11 @@ def readme_demo_command() -> list[str]:
 
 
 def test_readme_demo_command_runs_the_whole_flow(tmp_path: Path) -> None:
+    run_demo_and_check(tmp_path)
+
+
+def run_demo_and_check(tmp_path: Path) -> list[str]:
+    """Run the README's demo command in `tmp_path`, check what it did; return the command."""
     command = readme_demo_command()
     result = cnnflow(*command[1:], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": None}, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -154,9 +159,18 @@ def test_readme_demo_command_runs_the_whole_flow(tmp_path: Path) -> None:
         assert {"confusion_matrix.png", "curves.png", "model_summary.txt", "manifest.json"} <= artifacts, artifacts
     assert "champion" in client.get_registered_model("digits").aliases
     assert not (tmp_path / "mlruns").exists(), "the demo keeps its artifacts in its workdir"
+    return command
 
-    # A second run reuses what is done: no new training runs.
+
+@pytest.mark.slow
+def test_a_second_demo_reuses_what_is_done(tmp_path: Path) -> None:
+    command = run_demo_and_check(tmp_path)
     again = cnnflow(*command[1:], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": None}, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("reusing") >= 3
-    assert len(client.search_runs([experiment.experiment_id])) == 2
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'cnnflow-demo' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name("cnnflow-demo")
+    assert len(client.search_runs([experiment.experiment_id])) == 2  # no new training runs

@@ -184,6 +184,7 @@ def test_a_failed_job_ends_its_run_failed_with_the_reason(ray_local, mlflow_uri,
     assert "expected 192 (8x8x3)" in r.data.tags["failure_reason"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_and_the_best_epoch_is_registered(trained_flow, mlflow_uri, tmp_path):
     # The session's run again, same options and --seed, into a store of its own.
     flow = trained_flow
