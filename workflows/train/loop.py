@@ -274,7 +274,8 @@ def train_loop(config_dict: dict[str, Any]) -> None:
                     os.path.join(tmp, CHECKPOINT_FILE),
                 )
                 saved = ray.train.Checkpoint.from_directory(tmp)
-            # progress: the share of this run's schedule done, what a search's ASHA compares at
+            # progress: the share of this run's schedule done, what a search's ASHA compares
+            # at (workflows/tune/space.py: PROGRESS)
             ray.train.report({**metrics, "epoch": epoch, "progress": epoch / cfg.epochs}, checkpoint=saved)
         if rank == 0:
             # Log only once the controller has committed this checkpoint (report returns

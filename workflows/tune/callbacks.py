@@ -16,7 +16,7 @@ from rich.table import Table
 
 from workflows import tracking
 from workflows.train.plan import BEST_METRIC
-from workflows.tune.space import trial_name
+from workflows.tune.space import PROGRESS, trial_name
 from workflows.tune.trial import FINAL, TIME_ATTR
 
 STOPPED_TAG = "stopped_early"  # on a child that was stopped before it finished
@@ -54,7 +54,7 @@ def epoch_metrics(result: dict[str, Any]) -> dict[str, float]:
     """What the worker reported for its epoch: a result less the keys Tune adds to it."""
     from ray.tune.result import AUTO_RESULT_KEYS
 
-    skip = {*AUTO_RESULT_KEYS, TIME_ATTR}
+    skip = {*AUTO_RESULT_KEYS, TIME_ATTR, PROGRESS}  # the epoch and its share of the schedule: steps, not metrics
     return {
         k: float(v)
         for k, v in result.items()
