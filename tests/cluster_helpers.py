@@ -274,8 +274,18 @@ class LocalCluster:
         return next(p for p in self.procs if p.name == name)
 
     def kill_node(self, proc: Proc) -> None:
-        """A node lost: SIGKILL its raylet and everything else in its process group."""
+        """A node lost: SIGKILL every process of its session at once, as a dead machine.
+
+        Its raylet is in the node's process group, but the raylet starts each worker
+        process in a process group of its own (same session), so a group kill alone
+        leaves the training workers running for seconds, until they notice.
+        """
         proc.kill_group(signal.SIGKILL)
+        for pid in session_pids(proc.popen.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.popen.wait(timeout=30)
 
     def logs(self) -> str:
@@ -322,6 +332,21 @@ def marked_pids(value: str) -> list[int]:
         except OSError:  # gone, or not ours
             continue
         if state != "Z" and needle in environ.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes in session `sid` (field 6 of /proc/PID/stat)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) == sid:
             pids.append(int(entry.name))
     return pids
 

@@ -25,6 +25,7 @@ import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -482,30 +483,30 @@ def test_training_survives_losing_the_worker_node(
     storage = tmp_path / "checkpoints"  # one folder both nodes see, as s3:// would be
     job = "train-node-lost"
     [lost] = [n["node_id"] for n in cluster.alive_nodes() if not n["is_head_node"]]
+    before = {a["actor_id"] for a in cluster.actors("RayTrainWorker")}  # earlier tests' workers
     submit(
         cluster, "train", str(shards), *TRAIN_ARGS, "--epochs", str(epochs), "--workers", "2",
         "--storage", str(storage), "--experiment", "cluster-ft", "--register-as", f"{MODEL_NAME}-ft",
         "--max-failures", "2", wait=False, submission_id=job,
     )  # fmt: skip
 
-    # As soon as the first epoch is checkpointed, the worker node dies (its raylet and every
-    # process on it), and a new node joins, as the autoscaler would replace it.
+    # As soon as an epoch's checkpoint is committed (rank 0 logs the epoch to MLflow only
+    # then) while a training worker of this job runs on the worker node, that node dies
+    # (its raylet and every process on it), and a new node joins, as the autoscaler would.
+    client = MlflowClient(tracking_uri=cluster.mlflow_uri)
     deadline = time.monotonic() + 300
-    while not list(storage.rglob("checkpoint_*")):
-        assert time.monotonic() < deadline, f"no checkpoint in {storage}\n{cluster.job_logs(job)[-3000:]}"
-        time.sleep(0.1)
+    while not (committed_epochs(client, "cluster-ft") and training_worker_on(cluster, lost, before)):
+        assert time.monotonic() < deadline, f"no committed epoch\n{cluster.job_logs(job)[-3000:]}"
+        assert cluster.job_status(job) in ("PENDING", "RUNNING"), cluster.job_logs(job)[-3000:]
+        time.sleep(0.2)
     cluster.kill_node(cluster.workers()[-1])
     cluster.add_worker()
-    assert any(a["node_id"] == lost for a in cluster.actors("RayTrainWorker")), (
-        "no training worker ran on the node that was killed"
-    )
 
     status = cluster.wait_job(job, timeout=300)
     logs = cluster.job_logs(job)
     assert status == "SUCCEEDED", logs[-4000:]
 
     # Resumed from the checkpoint, in the same MLflow run, every epoch logged once.
-    client = MlflowClient(tracking_uri=cluster.mlflow_uri)
     [run] = client.search_runs([client.get_experiment_by_name("cluster-ft").experiment_id])
     assert run.info.status == "FINISHED"
     assert "resumed_from_epoch" in run.data.tags, logs[-4000:]
@@ -514,3 +515,18 @@ def test_training_survives_losing_the_worker_node(
     # No epoch logged twice: rank 0 logs an epoch only once its checkpoint is committed,
     # so a retry after the node loss never resumes from before a logged epoch.
     assert len(steps) == len(set(steps)), steps
+
+
+def committed_epochs(client: Any, experiment: str) -> list[int]:
+    """Epochs the run has logged, each only once its checkpoint was committed."""
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    return [m.step for run in runs for m in client.get_metric_history(run.info.run_id, "train_loss")]
+
+
+def training_worker_on(cluster: LocalCluster, node_id: str, before: set[str]) -> bool:
+    """Whether a training worker started after `before` is alive on the node."""
+    return any(
+        a["node_id"] == node_id and a["state"] == "ALIVE" and a["actor_id"] not in before
+        for a in cluster.actors("RayTrainWorker")
+    )
