@@ -19,7 +19,7 @@ from workflows.config import ConfigError, PrepConfig, TuneConfig
 from workflows.train.plan import plan
 from workflows.tune.callbacks import STOPPED_TAG
 from workflows.tune.driver import run
-from workflows.tune.space import EarlyStopping, search_space
+from workflows.tune.space import EarlyStopping, search_space, starting_points
 
 CLASSES = ("horizontal", "vertical", "checker")
 
@@ -98,15 +98,23 @@ def test_asha_stops_a_trailing_trial_but_not_at_its_last_epoch() -> None:
 
 def test_the_search_space_is_around_the_given_options_and_builds(image_folder, tmp_path, ray_local) -> None:
     data = prepare(image_folder, tmp_path / "stripes")
-    config = TuneConfig(data=str(data), model="simple", width=8, depth=4, epochs=4, lr=0.01, weight_decay=0.0)
+    config = TuneConfig(data=str(data), model="simple", width=8, depth=3, epochs=4, lr=0.01, weight_decay=0.0)
     space, described = search_space(config, plan(config))
-    # 16 px halves to 1 px in 4 stages: depth 5 would not build and is left out.
+    # Depth only goes up (a stage less halves the receptive field) ...
     assert space["depth"].categories == [3, 4]
+    # ... and only as far as builds: 16 px halves to 1 px in 4 stages, so 5 is left out.
+    deep = TuneConfig(data=str(data), model="simple", depth=4, epochs=4)
+    assert "depth" not in search_space(deep, plan(deep))[0]
     assert space["width"].categories == [4, 8, 16]
     assert space["epochs"].categories == [4, 6, 8]
     assert (space["lr"].lower, space["lr"].upper) == pytest.approx((0.005, 0.02))
     assert "weight_decay" not in space  # zero stays zero
     assert described["max_shift"] == "choice 0, 0.0625, 0.125, 0.1875"
+    # The first trials: the given options, then the same on the longest schedule.
+    given, longer = starting_points(config, plan(config), space)
+    assert given == {"lr": 0.01, "width": 8, "depth": 3, "max_shift": config.max_shift,
+                     "label_smoothing": config.label_smoothing, "epochs": 4}  # fmt: skip
+    assert longer == {**given, "epochs": 8}
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,7 @@ from workflows.tune.resume import (
     resumable,
     resumed_config,
 )
-from workflows.tune.space import EarlyStopping, max_epochs, search_space, starting_point, trial_dirname, trial_name
+from workflows.tune.space import EarlyStopping, max_epochs, search_space, starting_points, trial_dirname, trial_name
 from workflows.tune.trial import run_trial
 
 MODE = "max"  # val_acc
@@ -172,7 +172,7 @@ def new_tuner(
             # trial is the given options themselves, so the search can only improve on a
             # plain `cnnflow train` with them (given the time to finish that trial).
             search_alg=ray.tune.search.BasicVariantGenerator(
-                points_to_evaluate=[starting_point(config, base, space)],
+                points_to_evaluate=starting_points(config, base, space),
                 max_concurrent=concurrency,
                 random_state=config.seed,
             ),
