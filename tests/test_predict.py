@@ -123,6 +123,9 @@ def test_resume_scores_only_the_rest_and_another_version_refuses(ray_local, regi
     predict(root, out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["this_run"]["rows"] == len(more) and summary["this_run"]["already_scored"] == len(first)
+    # Start-up (Ray, model, listing) is told apart from the work.
+    this_run = summary["this_run"]
+    assert 0 < this_run["startup_s"] <= this_run["first_row_s"] <= this_run["seconds"]
     rows = read_output(out)
     assert len(rows) == len(first) + len(more) and rows["path"].is_unique
 

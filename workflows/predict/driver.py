@@ -45,6 +45,7 @@ def _run(config: PredictConfig, output: Output) -> int:
     console = Console(stderr=True)
     started = time.perf_counter()
     counts: Counter[str | None] = Counter()  # rows per predicted label; errors under None
+    timing: dict[str, float] = {}  # start-up apart from the work, for summary.json
     # Ray's start-up is mostly waiting for its processes, and loading the job mostly this
     # process's CPU (MLflow's and torch's imports, the model download): side by side they
     # took ~2.5 s less than one after the other. A run with nothing left to score starts
@@ -53,13 +54,14 @@ def _run(config: PredictConfig, output: Output) -> int:
         loading = pool.submit(load_job, config, output)
         with ray_session(config, dashboard=False):
             job = loading.result()
+            timing["startup_s"] = time.perf_counter() - started  # Ray up, model loaded, inputs listed
             console.print(
                 f"predict: {len(job.inputs.paths):,} images in {plain(config.input)} ({job.inputs.kind}), "
                 f"{len(job.done):,} already scored in {plain(config.output)}, {len(job.todo):,} to score "
                 f"with {plain(job.model_uri)}"
             )
             if len(job.todo):
-                score(config, job, console, counts)
+                score(config, job, console, counts, timing, started)
     seconds = time.perf_counter() - started
 
     rows = sum(counts.values())
@@ -69,6 +71,7 @@ def _run(config: PredictConfig, output: Output) -> int:
         "seconds": round(seconds, 3),
         "images_per_s": round(rows / seconds, 1) if rows else None,
         "already_scored": len(job.done),
+        **{k: round(v, 3) for k, v in timing.items()},
     }
     summary = job.output.summary(
         classifier=job.classifier, model_uri=job.model_uri, input=config.input, skipped=job.inputs.skipped,
@@ -107,8 +110,12 @@ def load_job(config: PredictConfig, output: Output | None = None) -> Job:
     return Job(model_uri, classifier, inputs, output, done, todo)
 
 
-def score(config: PredictConfig, job: Job, console: Console, counts: Counter[str | None]) -> None:
-    """Run the pipeline over `job.todo`, writing part files and counting labels as rows come."""
+def score(
+    config: PredictConfig, job: Job, console: Console, counts: Counter[str | None], timing: dict[str, float],
+    started: float,
+) -> None:  # fmt: skip
+    """Run the pipeline over `job.todo`, writing part files and counting labels as rows come;
+    `timing["first_row_s"]` is when the first scored rows reached the driver."""
     todo = job.todo
     try:
         if job.inputs.unreadable:  # files that cannot even be opened by name: error rows, no pipeline
@@ -131,6 +138,7 @@ def score(config: PredictConfig, job: Job, console: Console, counts: Counter[str
         with progress_bar(console, "predict", "img/s") as progress:
             task = progress.add_task("scoring", total=len(todo))
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                timing.setdefault("first_row_s", time.perf_counter() - started)
                 job.output.add(batch)
                 counts.update(_tally(batch))
                 progress.advance(task, batch.num_rows)
