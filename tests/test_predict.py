@@ -19,6 +19,7 @@ import pytest
 from tests.images import make_image_folder
 from workflows.config import PredictConfig
 from workflows.errors import CnnflowError
+from workflows.predict.precision import cpu_has_bf16
 
 CLASSES = ("horizontal", "vertical", "checker")
 NAME = "stripes"
@@ -262,3 +263,34 @@ def test_pool_always_leaves_a_cpu_to_decoding():
     assert (on_gpus.replicas, on_gpus.actor_gpus) == (2, 1.0)
     with pytest.raises(CnnflowError, match="no GPUs"):
         plan_pool(1, gpu=True, cluster_cpus=8, cluster_gpus=0)
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 units; --precision bf16 refuses it")
+def test_bf16_on_cpu_checks_a_sample_against_float32_and_labels_alike(ray_local, registry, folder, tmp_path):
+    root, truth = folder
+    out = tmp_path / "preds"
+    assert predict(root, out, precision="bf16") == 0
+    rows = read_output(out)
+    good = rows[~rows["path"].isin(BROKEN)]
+    assert (good["label"] == good["path"].map(lambda p: CLASSES[truth[p]])).mean() >= 0.9
+    this_run = json.loads((out / "summary.json").read_text())["this_run"]
+    assert this_run["precision"] == "bf16"
+    # Every image that decodes was in the sample (fewer than its 256); bf16 kept their labels.
+    assert this_run["bf16_check"]["sampled"] == len(truth)
+    assert this_run["bf16_check"]["labels_differ"] == 0
+    assert 0 < this_run["bf16_check"]["max_probability_change"] < 0.05
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "has"),
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n", True),
+        ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n", False),
+        ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),
+        ("processor\t: 0\nFeatures\t: fp asimd\n", False),
+    ],
+)
+def test_bf16_units_are_read_from_the_cpu_flags(tmp_path, cpuinfo, has):
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    assert cpu_has_bf16(tmp_path / "cpuinfo") is has
+    assert cpu_has_bf16(tmp_path / "missing") is False

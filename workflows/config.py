@@ -45,6 +45,7 @@ CHAMPION_ALIAS = "champion"
 OptimizerName = Literal["adamw", "sgd"]
 TestTimeAugmentation = Literal["none", "flip"]  # cnn.inference.TTA_MODES
 OutputFormat = Literal["parquet", "csv"]
+Precision = Literal["auto", "fp32", "bf16"]  # workflows.predict.precision.PRECISIONS
 
 
 # The training budget when --epochs is not given: enough optimizer steps for a small set
@@ -190,8 +191,12 @@ class PredictConfig(ImageLimits, RayOptions):
     workers: int = option(
         1, "Model replicas (1-256); they share the CPUs decoding leaves them, so any number finishes."
     )
-    gpu: bool = option(
-        False, "Give each replica one GPU (at most as many replicas as GPUs); bf16 where labels stay the same."
+    gpu: bool = option(False, "Give each replica one GPU (at most as many replicas as GPUs).")
+    precision: Precision = option(
+        "auto",
+        "Arithmetic of the model: auto is bf16 on a GPU that has it and float32 on CPU (the "
+        "pyfunc model's scores); bf16 on a CPU with bf16 units is faster, scores a sample both "
+        "ways first and says how many labels differ.",
     )
     format: OutputFormat = option("parquet", "Output file format.")
     overwrite: bool = option(False, "Replace predictions made by another model version.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from rich.console import Console
 
 from data_prep import safety, schema
+from data_prep.decode import Limits
 from data_prep.lock import output_lock
 from data_prep.scan import PrepError
 from workflows.config import PredictConfig
@@ -25,12 +26,14 @@ from workflows.errors import CnnflowError
 from workflows.predict.console import closing_screen
 from workflows.predict.inputs import Inputs, find_inputs
 from workflows.predict.output import SUMMARY, Output, error_rows
+from workflows.predict.precision import check_cpu, check_sample
 from workflows.terminal import plain, progress_bar
 
 
 def run(config: PredictConfig) -> int:
     try:  # refusals come before the model loads or Ray starts, and before anything is written
         safety.check_apart(config.input, config.output)
+        check_cpu(config.precision, gpu=config.gpu)
         with output_lock(config.output):  # one job at a time writes OUTPUT (data_prep/lock.py)
             return _run(config, Output(config.output, config.format))
     except PrepError as exc:
@@ -46,6 +49,7 @@ def _run(config: PredictConfig, output: Output) -> int:
     started = time.perf_counter()
     counts: Counter[str | None] = Counter()  # rows per predicted label; errors under None
     timing: dict[str, float] = {}  # start-up apart from the work, for summary.json
+    extra: dict[str, Any] = {"precision": config.precision}
     # Ray's start-up is mostly waiting for its processes, and loading the job mostly this
     # process's CPU (MLflow's and torch's imports, the model download): side by side they
     # took ~2.5 s less than one after the other. A run with nothing left to score starts
@@ -60,6 +64,11 @@ def _run(config: PredictConfig, output: Output) -> int:
                 f"{len(job.done):,} already scored in {plain(config.output)}, {len(job.todo):,} to score "
                 f"with {plain(job.model_uri)}"
             )
+            if len(job.todo) and config.precision == "bf16" and not config.gpu:
+                checked = check_sample(job.classifier, job.inputs, job.todo, Limits.of(config.max_file_mb, config.max_megapixels))
+                if checked:
+                    console.print(checked.line())
+                    extra["bf16_check"] = asdict(checked)
             if len(job.todo):
                 score(config, job, console, counts, timing, started)
     seconds = time.perf_counter() - started
@@ -72,6 +81,7 @@ def _run(config: PredictConfig, output: Output) -> int:
         "images_per_s": round(rows / seconds, 1) if rows else None,
         "already_scored": len(job.done),
         **{k: round(v, 3) for k, v in timing.items()},
+        **extra,
     }
     summary = job.output.summary(
         classifier=job.classifier, model_uri=job.model_uri, input=config.input, skipped=job.inputs.skipped,

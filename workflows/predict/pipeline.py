@@ -196,6 +196,7 @@ def build_dataset(config: PredictConfig, inputs: Inputs, todo: pa.Array, classif
             "model_uri": classifier.uri,
             "torch_threads": plan.torch_threads,
             "gpu": config.gpu,
+            "precision": config.precision,
         },
     )
     # Decoding outruns a CNN on CPU several times over: uncapped, the decoded blocks would

@@ -2,7 +2,7 @@
 
 A replica is built once per actor from plain weights (sent once through the object
 store), scores decoded pixels with the model's normalisation and test-time augmentation
-(bf16 on a GPU that has it, float32 on CPU, as the pyfunc model), and passes rows that
+(by default bf16 on a GPU that has it, float32 on CPU, as the pyfunc model), and passes rows that
 carry an error through unscored, so every input yields exactly one output row.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import ray
 
 from data_prep.shard_reader import to_pixels
 from workflows.predict.output import OUTPUT_SCHEMA
+from workflows.predict.precision import use_bf16
 
 
 class Scorer:
@@ -29,6 +30,7 @@ class Scorer:
         model_uri: str,
         torch_threads: int,
         gpu: bool,
+        precision: str,
     ) -> None:
         import torch
 
@@ -52,9 +54,9 @@ class Scorer:
         self.size = int(preprocessing["image_size"])
         self.model_uri = model_uri
         self.tta = test_time_augmentation(preprocessing)  # as validation scored it
-        # bf16 on a GPU that has it; on CPU the pyfunc model's float32, so scores match it.
-        bf16 = gpu and torch.cuda.is_bf16_supported()
-        self.forward = mixed_probabilities if bf16 else class_probabilities
+        # By default bf16 on a GPU that has it; on CPU the pyfunc model's float32, so
+        # scores match it, unless --precision bf16 (workflows/predict/precision.py).
+        self.forward = mixed_probabilities if use_bf16(precision, gpu=gpu) else class_probabilities
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, classes)."""
