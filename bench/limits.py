@@ -87,7 +87,7 @@ def _score_random(uri: str, n: int) -> dict:
 
     clf = load_classifier(uri)
     # torch_threads: every core, as cnnflow's single replica gets (Scorer sets torch's threads).
-    scorer = Scorer(model_state(clf.model, clf.spec), clf.preprocessing, clf.uri, os.cpu_count() or 1, gpu=False)
+    scorer = Scorer(model_state(clf.model, clf.spec), clf.preprocessing, clf.uri, os.cpu_count() or 1, gpu=False, precision="fp32")
     size = int(clf.preprocessing["image_size"])
     pixels = np.random.default_rng(0).integers(0, 256, (MODEL_BATCH, size, size, 3), dtype=np.uint8)
     scorer.probabilities(pixels)  # warm-up: first-call allocations and kernel choice
