@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 
 from data_prep.redact import redact_uri
 from data_prep.scan import PrepError
-from data_prep.schema import join, resolve, write_atomic
+from data_prep.schema import join, write_atomic
 
 MARKER = ".cnnflow-output.json"
 

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from cnn.models import ModelSpec, build_model, model_state
 from data_prep.lock import LOCK_FILE, output_lock
-from data_prep.pipeline import check_paths
+from data_prep.prep_output import check_paths
 from data_prep.schema import TRAIN, read_manifest
 from data_prep.shard_reader import read_table, to_pixels
 from tests.test_train import prepare

@@ -153,7 +153,8 @@ def test_items_that_kill_their_worker_are_isolated_and_the_rest_goes_on(ray_loca
 
 
 def test_a_chunk_whose_worker_died_is_cleaned_and_probed_before_it_runs_again(ray_local, tmp_path: Path) -> None:
-    from data_prep.pipeline import _recover, shard_name
+    from data_prep.pipeline import _recover
+    from data_prep.prep_output import shard_name
 
     (tmp_path / "in/a").mkdir(parents=True)
     chunk = []

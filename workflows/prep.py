@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from data_prep.lock import output_lock
+from data_prep.prep_output import check_paths
+from data_prep.scan import PrepError, scan
 from workflows.config import PrepConfig
 from workflows.errors import CnnflowError
 from workflows.ray_runtime import ray_session
@@ -18,8 +20,6 @@ from workflows.terminal import plain, progress_bar, text
 
 
 def run(config: PrepConfig) -> int:
-    from data_prep.pipeline import check_paths  # imports Ray: only when prep runs
-    from data_prep.scan import PrepError, scan
 
     # Refusals (INPUT missing or without images, INPUT and OUTPUT overlap, OUTPUT not
     # ours, another job writing there) come before Ray starts, which takes seconds;
