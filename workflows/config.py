@@ -289,8 +289,9 @@ class TuneConfig(TrainConfig):
     search: str = option(
         ",".join(SEARCHABLE),
         "Options to search, comma-separated; each is sampled around its given value: lr x1/2..x2 "
-        "and weight_decay x1/10..x10 (log-uniform), width x1/2, x1, x2 and depth -1, 0, +1 (simple), "
-        "max_shift and label_smoothing x0, x1/2, x1, x3/2, epochs x1, x3/2, x2.",
+        "and weight_decay x1/10..x10 (log-uniform), width x1/2, x1, x2 and depth +0, +1 (simple), "
+        "max_shift and label_smoothing x0, x1/2, x1, x3/2, epochs x1, x3/2, x2. The first trial "
+        "is the given options, the second the same with the most epochs.",
     )
     grace: float = option(
         0.5,
