@@ -294,3 +294,17 @@ def test_bf16_units_are_read_from_the_cpu_flags(tmp_path, cpuinfo, has):
     (tmp_path / "cpuinfo").write_text(cpuinfo)
     assert cpu_has_bf16(tmp_path / "cpuinfo") is has
     assert cpu_has_bf16(tmp_path / "missing") is False
+
+
+@pytest.mark.parametrize(("n", "replicas"), [(1, 1), (100, 1), (2000, 1), (8000, 1), (8000, 4), (50_000, 2)])
+def test_decode_tasks_cover_every_file_once_small_first(n, replicas):
+    from workflows.predict.pipeline import DECODE_BATCH, FIRST_DECODE, decode_chunks
+
+    chunks = decode_chunks(n, replicas)
+    assert [offset for offset, _ in chunks] == [sum(size for _, size in chunks[:k]) for k in range(len(chunks))]
+    assert sum(size for _, size in chunks) == n
+    sizes = [size for _, size in chunks]
+    assert sizes[0] <= FIRST_DECODE and max(sizes) <= DECODE_BATCH  # first rows soon; blocks bounded
+    assert sizes[:-1] == sorted(sizes[:-1])  # growing, then at most the cap
+    if n >= 4 * replicas * 16:
+        assert len(chunks) >= 4 * replicas  # every replica has work
