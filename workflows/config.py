@@ -45,7 +45,7 @@ CHAMPION_ALIAS = "champion"
 OptimizerName = Literal["adamw", "sgd"]
 TestTimeAugmentation = Literal["none", "flip"]  # cnn.inference.TTA_MODES
 OutputFormat = Literal["parquet", "csv"]
-Precision = Literal["auto", "fp32", "bf16"]  # workflows.predict.precision.PRECISIONS
+Precision = Literal["auto", "fp32", "bf16"]  # what each means: workflows/predict/precision.py
 
 
 # The training budget when --epochs is not given: enough optimizer steps for a small set

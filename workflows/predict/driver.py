@@ -65,7 +65,8 @@ def _run(config: PredictConfig, output: Output) -> int:
                 f"with {plain(job.model_uri)}"
             )
             if len(job.todo) and config.precision == "bf16" and not config.gpu:
-                checked = check_sample(job.classifier, job.inputs, job.todo, Limits.of(config.max_file_mb, config.max_megapixels))
+                limits = Limits.of(config.max_file_mb, config.max_megapixels)
+                checked = check_sample(job.classifier, job.inputs, job.todo, limits)
                 if checked:
                     console.print(checked.line())
                     extra["bf16_check"] = asdict(checked)

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from data_prep.decode import Limits
     from workflows.predict.inputs import Inputs
 
-PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 on a GPU that has it, float32 on CPU
 SAMPLE = 256  # images scored both ways before a bf16 job on CPU
 # CPU flags of bf16 arithmetic units: x86 (AVX-512 BF16, AMX) and Arm (FEAT_BF16).
 BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
