@@ -9,6 +9,7 @@ scores a sample both ways and says how many labels differ (`check_sample`).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,26 +76,24 @@ class SampleCheck:
 
 
 def check_sample(classifier: Any, inputs: Inputs, todo: pa.Array, limits: Limits) -> SampleCheck | None:
-    """Score up to SAMPLE of the images to do in float32 and in bf16, in this process."""
-    import torch
-
-    from cnn.inference import class_probabilities, for_inference, mixed_probabilities, test_time_augmentation
-    from cnn.transforms import Normalize
+    """Score up to SAMPLE of the images to do in float32 and in bf16, in this process,
+    through the replicas' own `Scorer` (same model folding, normalisation and TTA)."""
+    from cnn.models import model_state
+    from workflows.predict.scorer import Scorer
 
     pixels = sample_pixels(inputs, todo, classifier.preprocessing, limits)
     if not len(pixels):
         return None
-    prep = classifier.preprocessing
-    model = for_inference(classifier.model).to(memory_format=torch.channels_last)
-    normalize = Normalize(mean=prep["mean"], std=prep["std"], channels_last=True)
-    tta = test_time_augmentation(prep)
-    x = torch.from_numpy(pixels)
-    full = class_probabilities(model, normalize, x, tta=tta)
-    mixed = mixed_probabilities(model, normalize, x, tta=tta)
+    state = model_state(classifier.model, classifier.spec)
+    full, mixed = (
+        Scorer(state, classifier.preprocessing, classifier.uri, os.cpu_count() or 1, gpu=False, precision=p)
+        .probabilities(pixels)
+        for p in ("fp32", "bf16")
+    )
     return SampleCheck(
         sampled=len(pixels),
         labels_differ=int((full.argmax(1) != mixed.argmax(1)).sum()),
-        max_probability_change=float((full - mixed).abs().max()),
+        max_probability_change=float(np.abs(full - mixed).max()),
     )
 
 
