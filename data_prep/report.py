@@ -1,4 +1,10 @@
-"""manifest.json, report.json and quarantine.csv, built from the scan and the tasks' results."""
+"""manifest.json, report.json and quarantine.csv, built from the scan and the tasks' results.
+
+The tasks send back aggregates (data_prep/shards.py: ChunkResult), not a record per file,
+so nothing here holds a list that grows with the files written: the counts, the content
+hash and the pixel statistics add up across tasks, and identical files are found from 8
+bytes a file, their paths then read back from the shards.
+"""
 from __future__ import annotations
 
 import csv
@@ -11,9 +17,13 @@ from typing import Any
 
 import numpy as np
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from data_prep.scan import Scan
-from data_prep.schema import SHARD_FORMAT_VERSION, TRAIN, UNLABELED, VAL
-from data_prep.shards import ChunkResult
+from data_prep.schema import SHARD_FORMAT_VERSION, SPLITS, TRAIN, UNLABELED, VAL
+from data_prep.shard_reader import iter_batches
+from data_prep.shards import DIGEST_MODULUS, ChunkResult
 
 
 def cnnflow_version() -> str:
@@ -27,6 +37,8 @@ def combine(results: list[ChunkResult]) -> ChunkResult:
     total = ChunkResult()
     for r in results:
         total.written += r.written
+        total.counts += r.counts
+        total.digest = (total.digest + r.digest) % DIGEST_MODULUS
         total.quarantined += r.quarantined
         total.shards.update(r.shards)
         total.modes += r.modes
@@ -35,6 +47,7 @@ def combine(results: list[ChunkResult]) -> ChunkResult:
         total.exif_transposed += r.exif_transposed
         total.upscaled += r.upscaled
         total.histogram += r.histogram
+    total.sha_keys = np.concatenate([total.sha_keys] + [r.sha_keys for r in results])
     total.quarantined.sort(key=lambda q: q["path"])
     return total
 
@@ -52,13 +65,11 @@ def mean_std(histogram: np.ndarray) -> tuple[list[float], list[float]]:
 
 def written_counts(scan: Scan, total: ChunkResult) -> dict[str, Any]:
     """{"train": {class: n}, "val": {class: n}}, or {"data": n} when unlabeled."""
-    written = {path for path, _ in total.written}
     if not scan.classes:
-        return {UNLABELED: len(written)}
+        return {UNLABELED: total.written}
     counts = {split: {name: 0 for name in scan.classes} for split in (TRAIN, VAL)}
-    for f in scan.files:
-        if f.path in written:
-            counts[f.split][scan.classes[f.label]] += 1
+    for (split, label), n in total.counts.items():
+        counts[split][scan.classes[label]] += n
     return counts
 
 
@@ -67,24 +78,34 @@ def num_rows(counts: dict[str, Any]) -> dict[str, int]:
 
 
 def content_hash(scan: Scan, total: ChunkResult, *, image_size: int, resize: str) -> str:
-    """Changes when any written file's bytes, label or split, or the pixel recipe, changes."""
-    files = {f.path: f for f in scan.files}
-    h = hashlib.sha256(json.dumps([SHARD_FORMAT_VERSION, image_size, resize]).encode())
-    for path, sha in sorted(total.written):
-        f = files[path]
-        label = scan.classes[f.label] if scan.classes else ""
-        h.update(f"{path}\t{f.split}\t{label}\t{sha}\n".encode())
-    return h.hexdigest()
+    """Changes when any written file's path, bytes, label or split, or the pixel recipe, changes.
+
+    The files' part is the sum of their digests (shards.file_digest), which does not
+    depend on the order the tasks wrote them in.
+    """
+    header = json.dumps([SHARD_FORMAT_VERSION, image_size, resize, scan.classes])
+    return hashlib.sha256(f"{header}\n{total.digest:064x}".encode()).hexdigest()
 
 
-def duplicates(scan: Scan, total: ChunkResult) -> list[dict[str, Any]]:
-    """Written files with identical bytes; `conflict` when they carry different labels."""
-    labels = {f.path: (scan.classes[f.label] if scan.classes else None) for f in scan.files}
+def duplicates(output: str, classes: list[str], total: ChunkResult) -> list[dict[str, Any]]:
+    """Written files with identical bytes; `conflict` when they carry different labels.
+
+    Candidates are the files whose 8-byte sha keys repeat; their rows (path, label,
+    sha256) are then read back from the shards, and grouped by the whole sha256.
+    """
+    keys, seen = np.unique(total.sha_keys, return_counts=True)
+    repeated = pa.array([f"{k:016x}" for k in keys[seen > 1].tolist()], pa.string())
+    if not len(repeated):
+        return []
     by_sha: dict[str, list[str]] = defaultdict(list)
-    for path, sha in total.written:
-        by_sha[sha].append(path)
+    labels: dict[str, str | None] = {}
+    for batch in iter_batches(output, SPLITS, columns=["sha256", "path", "label"], batch_size=65536):
+        hits = batch.filter(pc.is_in(pc.utf8_slice_codeunits(batch["sha256"], 0, 16), value_set=repeated))
+        for sha, path, label in zip(*(hits[c].to_pylist() for c in ("sha256", "path", "label"))):
+            by_sha[sha].append(path)
+            labels[path] = classes[label] if classes and label >= 0 else None
     groups = []
-    for sha, paths in sorted(by_sha.items(), key=lambda kv: sorted(kv[1])[0]):
+    for sha, paths in sorted(by_sha.items(), key=lambda kv: min(kv[1])):
         if len(paths) > 1:
             paths.sort()
             names = {labels[p] for p in paths}
@@ -101,8 +122,8 @@ def duplicates(scan: Scan, total: ChunkResult) -> list[dict[str, Any]]:
 def build_report(
     scan: Scan, total: ChunkResult, *, output: str, counts: dict[str, Any], seconds: float, warnings: list[str]
 ) -> dict[str, Any]:
-    dups = duplicates(scan, total)
-    written = len(total.written)
+    dups = duplicates(output, scan.classes, total)
+    written = total.written
     report: dict[str, Any] = {
         "input": scan.input,
         "output": output,

@@ -25,11 +25,30 @@ PROGRESS_EVERY = 64  # files between progress messages from a task
 SIZE_BINS = (64, 128, 256, 512, 1024, 2048, 4096)  # of the source's shorter side, px
 
 
+DIGEST_MODULUS = 1 << 256
+
+
+def file_digest(path: str, split: str, label: int, sha256: str) -> int:
+    """One written file's share of the data's content hash (report.content_hash)."""
+    return int.from_bytes(hashlib.sha256(f"{path}\t{split}\t{label}\t{sha256}".encode()).digest(), "big")
+
+
+def sha_key(sha256: str) -> int:
+    """A file's first 8 bytes of sha256: equal for identical files, rarely for others."""
+    return int(sha256[:16], 16)
+
+
 @dataclass
 class ChunkResult:
-    """What a task sends back: a few bytes per file plus fixed-size aggregates."""
+    """What a task sends back: fixed-size aggregates, 8 bytes per written file, and the
+    quarantined files (each with its reason, for the report)."""
 
-    written: list[tuple[str, str]] = field(default_factory=list)  # (path, sha256)
+    written: int = 0
+    counts: Counter = field(default_factory=Counter)  # (split, label) -> files written
+    # The sum, modulo 2**256, of each written file's file_digest: it does not depend on
+    # the order files were written in, and the tasks' digests add up.
+    digest: int = 0
+    sha_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # sha_key of each written file
     quarantined: list[dict[str, str]] = field(default_factory=list)  # [{path, reason}]
     shards: dict[str, int] = field(default_factory=dict)  # shard uri -> rows
     modes: Counter = field(default_factory=Counter)  # source mode -> images
@@ -111,6 +130,7 @@ def write_chunk(
     fs, root = resolve(input)
     result = ChunkResult()
     writers: dict[str, _ShardWriter] = {}
+    keys: list[int] = []
     done = 0
     for path, label, split in files:
         loaded = load_image(join(root, path), size=size, resize=resize, limits=limits, filesystem=fs)
@@ -122,7 +142,10 @@ def write_chunk(
             if split not in writers:
                 writers[split] = _ShardWriter(join(output, split, name), decoded.pixels.nbytes)
             writers[split].add((decoded.pixels.tobytes(), label, path, sha, decoded.orig_height, decoded.orig_width))
-            result.written.append((path, sha))
+            result.written += 1
+            result.counts[split, label] += 1
+            result.digest = (result.digest + file_digest(path, split, label, sha)) % DIGEST_MODULUS
+            keys.append(sha_key(sha))
             result.count(decoded, size=size, pixel_stats=split == stats_split)
         done += 1
         if done % PROGRESS_EVERY == 0:
@@ -130,6 +153,7 @@ def write_chunk(
     for writer in writers.values():
         writer.close()
         result.shards[writer.uri] = writer.count
+    result.sha_keys = np.array(keys, dtype=np.uint64)
     yield done % PROGRESS_EVERY
     yield result
 
