@@ -16,6 +16,11 @@ Ray Data iterator and collate function the workers use, without a model. It prin
 images/s per epoch, the steady state (mean of the epochs after the first), final
 validation accuracy, and the ratios b/a, c/a and d/a (ingest vs training step). Not run
 in CI; timings on a shared machine are noisy, so compare ratios from the same run.
+
+`--memory` measures footprint instead, each as a command of its own from start to exit
+(bench/proctree.py: PSS summed over every process it starts, shared pages once):
+(e) the plain loop (a) in one process, and (f) `python -m workflows.train DATA --workers 1`
+with a local Ray, and prints peak memory, processes and wall time, and f/e (target <= 2x).
 """
 from __future__ import annotations
 
@@ -30,6 +35,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def torch_threads() -> None:
+    """As many threads as a Ray Train worker gets on this machine (all of its CPUs)."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
 
 
 def write_digits(folder: Path) -> None:
@@ -80,7 +93,7 @@ def plain_pytorch(data: str, args: argparse.Namespace) -> tuple[list[float], flo
     augment = BatchAugment(hflip=False, max_shift=0.125)
     optimizer = make_optimizer("adamw", model.parameters(), lr=args.lr, weight_decay=5e-4)
     steps = math.ceil(len(y_train) / args.batch_size)
-    scheduler = one_cycle(optimizer, steps_per_epoch=steps, epochs=args.epochs)
+    scheduler = one_cycle(optimizer, lr=args.lr, steps_per_epoch=steps, epochs=args.epochs, warmup=0.3)
     rates = []
     for _ in range(args.epochs):
         model.train()
@@ -146,6 +159,27 @@ def ingest_only(data: str, args: argparse.Namespace) -> list[float]:
     return rates
 
 
+def footprint(data: str, args: argparse.Namespace, work: Path) -> None:
+    """(e) and (f), one after the other, and their ratio."""
+    from proctree import measure
+
+    common = ["--model", args.model, "--width", str(args.width), "--depth", str(args.depth),
+              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr)]
+    runs = {
+        "(e) plain PyTorch, one process": [sys.executable, __file__, "--plain-only", "--workdir", str(work), *common,
+                                           "--image-size", str(args.image_size)],
+        "(f) cnnflow train --workers 1": [sys.executable, "-m", "workflows.train", data, *common, "--no-hflip",
+                                          "--workers", "1", "--storage", str(work / "checkpoints"),
+                                          "--experiment", "bench-memory", "--register-as", "bench-digits"],
+    }
+    measured = {}
+    for name, cmd in runs.items():
+        measured[name] = m = measure(cmd)
+        print(f"{name:34} peak {m.peak_pss / 2**20:6.0f} MiB  {m.processes:3d} processes  {m.seconds:6.1f} s", flush=True)
+    e, f = measured.values()
+    print(f"\nf/e peak memory = {f.peak_pss / e.peak_pss:.2f}x (target <= 2)")
+
+
 def steady(rates: list[float]) -> float:
     return statistics.mean(rates[1:]) if len(rates) > 1 else rates[0]
 
@@ -162,7 +196,14 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=model_info("simple").arg("depth").default)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "cnnflow-bench-train"))
+    parser.add_argument("--memory", action="store_true", help="measure (e) and (f)'s footprint instead of images/s")
+    parser.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)  # (e)'s own process
     args = parser.parse_args()
+    data = str(Path(args.workdir) / f"shards-{args.image_size}")
+    if args.plain_only:
+        torch_threads()
+        plain_pytorch(data, args)
+        return
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     work = Path(args.workdir)
@@ -173,11 +214,13 @@ def main() -> None:
     from workflows import prep
     from workflows.config import PrepConfig
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     write_digits(work / "digits")
-    data = str(work / f"shards-{args.image_size}")
     if not Path(data, "manifest.json").exists():
         prep.run(PrepConfig(input=str(work / "digits"), output=data, image_size=args.image_size))
+    if args.memory:
+        footprint(data, args, work)
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
     results = {
         "(a) plain PyTorch, in memory": plain_pytorch(data, args),

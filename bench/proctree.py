@@ -54,23 +54,28 @@ class Measured:
     seconds: float  # wall clock, process start to exit
     peak_pss: int  # bytes, summed over the process tree
     cpu_seconds: float  # user + system over the tree (sampled: a lower bound)
+    processes: int = 0  # processes the tree had at once, at most (sampled)
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> Measured:
     """Run `cmd` from the repository root; RuntimeError with its last line if it fails."""
     env = env or {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
-    peak, ticks = 0, {}
+    peak, ticks, processes = 0, {}, 0
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stderr: list[bytes] = []
     reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
     reader.start()
     while proc.poll() is None:
-        peak = max(peak, sample_tree(proc.pid, ticks))
+        alive: dict[int, int] = {}
+        peak = max(peak, sample_tree(proc.pid, alive))
+        processes = max(processes, len(alive))
+        for pid, t in alive.items():
+            ticks[pid] = max(ticks.get(pid, 0), t)
         time.sleep(0.2)
     seconds = time.perf_counter() - started
     reader.join()
     if proc.returncode != 0:
         lines = b"".join(stderr).decode().strip().splitlines() or ["(no output)"]
         raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}): {lines[-1]}")
-    return Measured(seconds, peak, sum(ticks.values()) / os.sysconf("SC_CLK_TCK"))
+    return Measured(seconds, peak, sum(ticks.values()) / os.sysconf("SC_CLK_TCK"), processes)

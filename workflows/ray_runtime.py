@@ -26,10 +26,11 @@ from workflows.errors import CnnflowError
 
 @contextmanager
 def ray_session(options: RayOptions, *, dashboard: bool = True, ray_data: bool = True) -> Iterator[None]:
-    """`dashboard=False` for jobs that need no Ray state API (prep, predict): a local Ray
-    then starts ~2 s sooner. Ray Train needs it (its placement-group cleaner asks the
-    state API, and warns every second without it). `ray_data=False` for a job that does
-    not use Ray Data (prep): importing it costs the driver ~0.4 s."""
+    """`dashboard=False`: a local Ray without the dashboard and its 11 processes (~250 MB;
+    it starts ~2 s sooner). For a Ray it joins, the cluster decides. Prep, predict and
+    train use it; tune keeps the dashboard (see workflows/train/driver.py: run).
+    `ray_data=False` for a job that does not use Ray Data (prep): importing it costs the
+    driver ~0.4 s."""
     import ray
 
     if ray.is_initialized():

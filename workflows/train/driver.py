@@ -42,7 +42,11 @@ MATERIALIZE_FRACTION = 0.25  # of the object store: splits smaller than this are
 
 def run(config: TrainConfig) -> int:
     p = plan(config)
-    with ray_session(config):
+    # No dashboard on a local Ray: Ray Train's placement-group cleaner then cannot ask the
+    # state API and stops (one traceback in Ray's log folder), but the cleaner only matters
+    # to a cluster that outlives a crashed controller, and a local Ray ends with this
+    # command. Tune keeps it: a leaked placement group there would starve later trials.
+    with ray_session(config, dashboard=False):
         scaling = scaling_for(config)
         uri = tracking.use_tracking()
         with tracking.training_run(
