@@ -66,6 +66,10 @@ MAX_SEED = 2**32 - 1  # what numpy's and torch's seeding both accept
 # decompression-bomb limit), so the budget cannot be raised past that.
 DEFAULT_MAX_FILE_MB, DEFAULT_MAX_MEGAPIXELS = 100.0, 50.0
 MAX_FILE_MB, MAX_MEGAPIXELS = 2048.0, 178.0
+# Near-duplicates (data_prep/near_duplicates.py): a re-encode or a resize moves a photo's
+# hash 0-2 bits, a 2-5% crop 2-12; distinct photos are ~32 apart. Above 12 the 13 bands of
+# 4-5 bits are too coarse to spare the matching most pairs.
+MAX_NEAR_DUPLICATE_DISTANCE = 12
 
 
 def label_source(labels: str) -> tuple[str, str]:
@@ -119,6 +123,10 @@ class PrepOptions(ImageLimits):
     rows_per_shard: int = option(
         2048, "Most images per Parquet file (fewer when that keeps every CPU busy)."
     )
+    near_duplicate_distance: int = option(
+        6, f"Images whose perceptual hashes differ in at most this many of 64 bits are "
+        f"reported as near-duplicates (0-{MAX_NEAR_DUPLICATE_DISTANCE})."
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -126,5 +134,6 @@ class PrepOptions(ImageLimits):
         check_range("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
         check_range("seed", self.seed, 0, MAX_SEED)
         check_range("rows_per_shard", self.rows_per_shard, 1, 1_000_000)
+        check_range("near_duplicate_distance", self.near_duplicate_distance, 0, MAX_NEAR_DUPLICATE_DISTANCE)
         check(self.resize in RESIZE_MODES, f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         label_source(self.labels)

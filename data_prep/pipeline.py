@@ -23,6 +23,7 @@ import ray
 from data_prep import report as rep
 from data_prep.decode import Limits
 from data_prep.isolate import CRASHED, WORKER_DIED, run_isolating
+from data_prep.near_duplicates import report as near_duplicates
 from data_prep.options import PrepOptions
 from data_prep.prep_output import check_paths, claim_output, remove_if_empty, shard_files, shard_name
 from data_prep.redact import redact_uri, redacted
@@ -102,10 +103,13 @@ def prepare(
     total.quarantined = sorted(found.quarantined + total.quarantined, key=lambda q: q["path"])
 
     counts = rep.written_counts(found, total)
-    warnings = rep.warnings_for(found, total, counts)
+    near = near_duplicates(out, found.classes, total.phashes, options.near_duplicate_distance)
+    warnings = rep.warnings_for(found, total, counts, near)
     seconds = time.perf_counter() - start
     # What a URI's credentials would leak through: files that are shared, copied and logged.
-    report = redacted(rep.build_report(found, total, output=out, counts=counts, seconds=seconds, warnings=warnings))
+    report = redacted(
+        rep.build_report(found, total, output=out, counts=counts, seconds=seconds, warnings=warnings, near=near)
+    )
     write_atomic(join(out, QUARANTINE), rep.quarantine_csv(total.quarantined))
     write_json(join(out, REPORT), report)
     _check_written(found, total, counts, out, splits)

@@ -48,6 +48,7 @@ def combine(results: list[ChunkResult]) -> ChunkResult:
         total.upscaled += r.upscaled
         total.histogram += r.histogram
     total.sha_keys = np.concatenate([total.sha_keys] + [r.sha_keys for r in results])
+    total.phashes = np.concatenate([total.phashes] + [r.phashes for r in results])
     total.quarantined.sort(key=lambda q: q["path"])
     return total
 
@@ -120,7 +121,14 @@ def duplicates(output: str, classes: list[str], total: ChunkResult) -> list[dict
 
 
 def build_report(
-    scan: Scan, total: ChunkResult, *, output: str, counts: dict[str, Any], seconds: float, warnings: list[str]
+    scan: Scan,
+    total: ChunkResult,
+    *,
+    output: str,
+    counts: dict[str, Any],
+    seconds: float,
+    warnings: list[str],
+    near: dict[str, Any],
 ) -> dict[str, Any]:
     dups = duplicates(output, scan.classes, total)
     written = total.written
@@ -139,6 +147,7 @@ def build_report(
         "quarantined": total.quarantined,
         "duplicates": dups,
         "duplicate_conflicts": sum(d["conflict"] for d in dups),
+        "near_duplicates": near,
         "empty_class_folders": scan.empty_classes,
         "exif_transposed": total.exif_transposed,
         "upscaled": total.upscaled,
@@ -162,9 +171,17 @@ def _sorted_bins(sizes: Counter) -> dict[str, int]:
     return {k: sizes[k] for k in sorted(sizes, key=low)}
 
 
-def warnings_for(scan: Scan, total: ChunkResult, counts: dict[str, Any]) -> list[str]:
+def warnings_for(scan: Scan, total: ChunkResult, counts: dict[str, Any], near: dict[str, Any]) -> list[str]:
     """Things a user should look at before training; the job still succeeds."""
     notes = []
+    n = near["counts"]
+    if n["across_splits"]:
+        notes.append(
+            f"{n['across_splits']} near-duplicate groups span train and val: validation accuracy "
+            f"counts pictures training saw (report.json: near_duplicates)"
+        )
+    if n["across_classes"]:
+        notes.append(f"{n['across_classes']} near-duplicate groups span classes: the same picture under two labels")
     if total.quarantined:
         notes.append(f"{len(total.quarantined)} files quarantined (see quarantine.csv)")
     if scan.classes:

@@ -1,7 +1,8 @@
 """The on-disk contract between prep, train and predict: shard schema and manifest.
 
-Shard format version 1 (docs/architecture.md, Formats): one row per image, raw RGB uint8 pixels of
-image_size x image_size x 3, row-major, in the `image` column. Shards are read only
+Shard format version 2 (docs/architecture.md, Formats): one row per image, raw RGB uint8 pixels of
+image_size x image_size x 3, row-major, in the `image` column, and the pixels' perceptual
+hash in `phash` (data_prep/phash.py; version 1 had no `phash`, and is still read). Shards are read only
 through data_prep/shard_reader.py. Binary rather than Arrow's fixed_shape_tensor: Parquet
 stores a uint8 tensor as one INT32 value per pixel, which read 7-9x slower with pyarrow
 and 1.2-2.6x slower through Ray Data (bench/bench_shard_format.py).
@@ -14,7 +15,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-SHARD_FORMAT_VERSION = 1
+SHARD_FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # 1: no phash column (near-duplicate checks then have nothing to match)
 MANIFEST = "manifest.json"
 REPORT = "report.json"
 QUARANTINE = "quarantine.csv"
@@ -30,6 +32,7 @@ SHARD_SCHEMA = pa.schema(
         pa.field("sha256", pa.string(), nullable=False),
         pa.field("orig_height", pa.int32(), nullable=False),
         pa.field("orig_width", pa.int32(), nullable=False),
+        pa.field("phash", pa.int64(), nullable=False),  # data_prep/phash.py's 64 bits, as a signed int
     ],
     metadata={b"cnnflow.shard_format_version": str(SHARD_FORMAT_VERSION).encode()},
 )
@@ -98,6 +101,6 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
             f"run `cnnflow prep IMAGES {data_dir}` first"
         ) from None
     version = manifest.get("format_version")
-    if version != SHARD_FORMAT_VERSION:
-        raise ValueError(f"{data_dir}: shard format {version}, this cnnflow reads {SHARD_FORMAT_VERSION}")
+    if version not in READABLE_FORMATS:
+        raise ValueError(f"{data_dir}: shard format {version}, this cnnflow reads {', '.join(map(str, READABLE_FORMATS))}")
     return manifest

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep.decode import Decoded, Limits, load_image
+from data_prep.phash import phash
 from data_prep.schema import SHARD_SCHEMA, TRAIN, join, resolve
 
 COMPRESSION = "zstd"  # raw pixels: ~10-30% smaller, decompresses at GB/s
@@ -49,6 +50,7 @@ class ChunkResult:
     # the order files were written in, and the tasks' digests add up.
     digest: int = 0
     sha_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # sha_key of each written file
+    phashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # each written file's phash
     quarantined: list[dict[str, str]] = field(default_factory=list)  # [{path, reason}]
     shards: dict[str, int] = field(default_factory=dict)  # shard uri -> rows
     modes: Counter = field(default_factory=Counter)  # source mode -> images
@@ -79,11 +81,11 @@ class _ShardWriter:
     def __init__(self, uri: str, image_bytes: int):
         self.uri = uri
         self.group_rows = max(1, ROW_GROUP_BYTES // image_bytes)
-        self.rows: list[tuple[bytes, int, str, str, int, int]] = []
+        self.rows: list[tuple[bytes, int, str, str, int, int, int]] = []
         self.count = 0
         self._writer: pq.ParquetWriter | None = None  # opened on the first row
 
-    def add(self, row: tuple[bytes, int, str, str, int, int]) -> None:
+    def add(self, row: tuple[bytes, int, str, str, int, int, int]) -> None:
         self.rows.append(row)
         if len(self.rows) >= self.group_rows:
             self.flush()
@@ -131,6 +133,7 @@ def write_chunk(
     result = ChunkResult()
     writers: dict[str, _ShardWriter] = {}
     keys: list[int] = []
+    hashes: list[int] = []
     done = 0
     for path, label, split in files:
         loaded = load_image(join(root, path), size=size, resize=resize, limits=limits, filesystem=fs)
@@ -141,7 +144,12 @@ def write_chunk(
             sha = hashlib.sha256(data).hexdigest()
             if split not in writers:
                 writers[split] = _ShardWriter(join(output, split, name), decoded.pixels.nbytes)
-            writers[split].add((decoded.pixels.tobytes(), label, path, sha, decoded.orig_height, decoded.orig_width))
+            pixels_hash = phash(decoded.pixels)
+            writers[split].add(
+                (decoded.pixels.tobytes(), label, path, sha, decoded.orig_height, decoded.orig_width,
+                 pixels_hash - (1 << 64) if pixels_hash >= 1 << 63 else pixels_hash)  # int64 column, same bits
+            )  # fmt: skip
+            hashes.append(pixels_hash)
             result.written += 1
             result.counts[split, label] += 1
             result.digest = (result.digest + file_digest(path, split, label, sha)) % DIGEST_MODULUS
@@ -154,6 +162,7 @@ def write_chunk(
         writer.close()
         result.shards[writer.uri] = writer.count
     result.sha_keys = np.array(keys, dtype=np.uint64)
+    result.phashes = np.array(hashes, dtype=np.uint64)
     yield done % PROGRESS_EVERY
     yield result
 

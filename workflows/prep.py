@@ -78,6 +78,14 @@ def print_summary(console: Console, manifest: dict[str, Any], report: dict[str, 
         f"EXIF-rotated {report['exif_transposed']}, duplicates {len(report['duplicates'])} "
         f"({report['duplicate_conflicts']} under two classes)"
     )
+    near = report["near_duplicates"]
+    n = near["counts"]
+    console.print(
+        f"near-duplicates (within {near['max_distance']} bits): {n['groups']} groups of {n['files']} files, "
+        f"{n['across_splits']} across train/val, {n['across_classes']} across classes"
+    )
+    for group in [g for g in near["groups"] if g["across_splits"] or g["across_classes"]][:3]:
+        console.print("  " + plain(", ".join(f"{f['path']} ({f['split']}, {f['label']})" for f in group["files"][:4])))
     for row in report["quarantined"][:5]:
         console.print(f"  [red]quarantined[/] {plain(row['path'])}: {plain(row['reason'])}")
     if len(report["quarantined"]) > 5:
