@@ -5,7 +5,7 @@
 Writes the same synthetic pixels (smooth blocks plus noise, so zstd has something to do)
 as shards twice, with prep's own compression and row-group size (data_prep/shards.py):
 
-  v1   `image` binary: size x size x 3 raw bytes per row (shard format version 1)
+  v1   `image` binary: size x size x 3 raw bytes per row (the shard format, versions 1 and 2)
   v2   `image` pyarrow.fixed_shape_tensor(uint8, [size, size, 3]) (Arrow's canonical
        extension, which Ray Data and pyarrow's to_numpy_ndarray read as arrays without
        our code)
@@ -109,6 +109,7 @@ def write(folder: Path, kind: str, schema, rows: int, size: int) -> float:
                         pa.array(["0" * 64] * k, pa.string()),
                         pa.array(np.full(k, size), pa.int32()),
                         pa.array(np.full(k, size), pa.int32()),
+                        pa.array(rng.integers(-(2**63), 2**63 - 1, k), pa.int64()),  # phash
                     ],
                     schema=schema,
                 )

@@ -39,6 +39,7 @@ def write_shard(path: Path, start: int, n: int, *, row_group: int) -> None:
             "sha256": pa.array(["0" * 64] * n),
             "orig_height": pa.array([SIZE] * n, pa.int32()),
             "orig_width": pa.array([SIZE] * n, pa.int32()),
+            "phash": pa.array(np.arange(start, start + n), pa.int64()),
         },
         schema=SHARD_SCHEMA,
     )
