@@ -97,12 +97,13 @@ def report(output: str, classes: list[str], phashes: np.ndarray, distance: int) 
     if group_of:
         wanted = pa.array(to_signed(np.fromiter(group_of, np.uint64, len(group_of))), pa.int64())
         for split in SPLITS:
-            for batch in iter_batches(output, split, columns=["phash", "path", "label"], batch_size=65536):
+            for batch in iter_batches(output, split, columns=["phash", "path", "label", "sha256"], batch_size=65536):
                 hits = batch.filter(pc.is_in(batch["phash"], value_set=wanted))
                 hashes = from_signed(hits["phash"].to_numpy()).tolist()
-                for h, path, label in zip(hashes, hits["path"].to_pylist(), hits["label"].to_pylist()):
+                rows = zip(hashes, *(hits[c].to_pylist() for c in ("path", "label", "sha256")))
+                for h, path, label, sha in rows:
                     name = classes[label] if classes and label >= 0 else None
-                    members[group_of[h]].append({"path": path, "label": name, "split": split})
+                    members[group_of[h]].append({"path": path, "label": name, "split": split, "sha256": sha})
     groups = []
     for files in members.values():
         if len(files) < 2:

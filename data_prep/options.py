@@ -47,6 +47,7 @@ def option(default: Any, help: str) -> Any:
 
 
 ResizeMode = Literal["squash", "crop", "pad"]
+NearDuplicates = Literal["together", "ignore"]
 RESIZE_MODES: tuple[str, ...] = typing.get_args(ResizeMode)  # what decode_image accepts
 
 # Where labels come from: "folder", or a source's prefix followed by its argument.
@@ -113,7 +114,7 @@ class PrepOptions(ImageLimits):
         "How to make images square: squash (stretch), crop (centre) or pad (letterbox).",
     )
     val_fraction: float = option(0.2, "Share of each class held out for validation.")
-    seed: int = option(0, "Seed of the path hash that decides each file's split.")
+    seed: int = option(0, "Seed of the content hash that decides each file's split.")
     labels: str = option(
         "folder",
         "Where labels come from: folder (top-level subfolder), regex:PATTERN "
@@ -122,6 +123,11 @@ class PrepOptions(ImageLimits):
     unlabeled: bool = option(False, "Input has no labels: any nesting, label -1, no split.")
     rows_per_shard: int = option(
         2048, "Most images per Parquet file (fewer when that keeps every CPU busy)."
+    )
+    near_duplicates: NearDuplicates = option(
+        "together",
+        "together: each near-duplicate group goes to one split (validation never scores a "
+        "near-copy of a training image); ignore: each file's split from its own bytes.",
     )
     near_duplicate_distance: int = option(
         6, f"Images whose perceptual hashes differ in at most this many of 64 bits are "
@@ -134,6 +140,8 @@ class PrepOptions(ImageLimits):
         check_range("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
         check_range("seed", self.seed, 0, MAX_SEED)
         check_range("rows_per_shard", self.rows_per_shard, 1, 1_000_000)
+        check(self.near_duplicates in typing.get_args(NearDuplicates),
+              f"near_duplicates must be together or ignore, got {self.near_duplicates!r}")
         check_range("near_duplicate_distance", self.near_duplicate_distance, 0, MAX_NEAR_DUPLICATE_DISTANCE)
         check(self.resize in RESIZE_MODES, f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         label_source(self.labels)

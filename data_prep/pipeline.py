@@ -27,22 +27,25 @@ from data_prep.near_duplicates import report as near_duplicates
 from data_prep.options import PrepOptions
 from data_prep.prep_output import check_paths, claim_output, remove_if_empty, shard_files, shard_name
 from data_prep.redact import redact_uri, redacted
-from data_prep.scan import PrepError, Scan, scan, unit_hash
+from data_prep.scan import PrepError, Scan, scan
 from data_prep.schema import (
     MANIFEST,
     QUARANTINE,
     REPORT,
     SHARD_FORMAT_VERSION,
     SPLITS,
+    SPLIT_RULE,
     TRAIN,
     UNLABELED,
     VAL,
     join,
     resolve,
+    unit_hash,
     write_atomic,
     write_json,
 )
 from data_prep.shards import ChunkResult, probe_chunk, write_chunk
+from data_prep.splits import settle
 
 MIN_FILES_PER_TASK = 64  # below this, Ray's per-task overhead outweighs spreading out
 
@@ -95,15 +98,20 @@ def prepare(
     limits = Limits.of(options.max_file_mb, options.max_megapixels)
     total = rep.combine(
         _run_tasks(
-            found.input, out, chunks, size=image_size, resize=resize, limits=limits,
-            stats_split=UNLABELED if unlabeled else TRAIN, on_progress=on_progress,
+            found.input, out, chunks, size=image_size, resize=resize, limits=limits, on_progress=on_progress,
+            split_args=dict(stats_split=UNLABELED if unlabeled else TRAIN, seed=options.seed, val_fraction=options.val_fraction),
         )
     )  # fmt: skip
     # Names that cannot even be opened were quarantined by the scan; they count the same.
     total.quarantined = sorted(found.quarantined + total.quarantined, key=lambda q: q["path"])
 
-    counts = rep.written_counts(found, total)
     near = near_duplicates(out, found.classes, total.phashes, options.near_duplicate_distance)
+    if not unlabeled:
+        settle(
+            out, total, near, num_classes=len(found.classes), seed=options.seed,
+            val_fraction=options.val_fraction, together=options.near_duplicates == "together",
+        )  # fmt: skip
+    counts = rep.written_counts(found, total)
     warnings = rep.warnings_for(found, total, counts, near)
     seconds = time.perf_counter() - start
     # What a URI's credentials would leak through: files that are shared, copied and logged.
@@ -129,6 +137,10 @@ def prepare(
         "input": redact_uri(found.input),
         "options": redacted(asdict(options)),
         "content_hash": rep.content_hash(found, total, image_size=image_size, resize=resize),
+        "split_rule": None if unlabeled else {
+            "by": SPLIT_RULE, "seed": options.seed, "val_fraction": options.val_fraction,
+            "near_duplicates": options.near_duplicates, "near_duplicate_distance": options.near_duplicate_distance,
+        },
         "cnnflow_version": rep.cnnflow_version(),
     }
     write_json(join(out, MANIFEST), manifest)  # last: a manifest means a complete output
@@ -145,10 +157,7 @@ def plan_chunks(
     idles through a last round of tasks.
     """
     n = len(found.files)
-    per_split: dict[str, int] = {}
-    for f in found.files:
-        per_split[f.split] = per_split.get(f.split, 0) + 1
-    tasks = max(math.ceil(k / rows_per_shard) for k in per_split.values())
+    tasks = math.ceil(n / rows_per_shard)  # a task's shard per split holds at most its files
     tasks = max(tasks, min(cpus, math.ceil(n / MIN_FILES_PER_TASK)))
     if tasks > cpus:
         tasks = math.ceil(tasks / cpus) * cpus
@@ -170,7 +179,7 @@ def _run_tasks(
     size: int,
     resize: str,
     limits: Limits,
-    stats_split: str,
+    split_args: dict[str, Any],
     on_progress: Progress | None,
 ) -> list[ChunkResult]:
     """Run the chunks as Ray generator tasks, a bounded number at a time."""
@@ -189,7 +198,7 @@ def _run_tasks(
             i, chunk = todo.pop(0)
             name = shard_name(i)  # as listed in the marker by shard_files
             gen = _write_chunk.remote(
-                input, output, name, chunk, size=size, resize=resize, limits=limits, stats_split=stats_split
+                input, output, name, chunk, size=size, resize=resize, limits=limits, **split_args
             )
             running[gen] = (i, chunk)
         ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)

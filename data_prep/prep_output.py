@@ -15,10 +15,24 @@ import pyarrow.parquet as pq
 from data_prep import safety
 from data_prep.redact import redact_uri
 from data_prep.scan import normalize_uri
-from data_prep.schema import MANIFEST, QUARANTINE, REPORT, SHARD_SCHEMA, SPLITS, join, read_json, resolve, temp_name
+from data_prep.schema import (
+    BY_CONTENT,
+    MANIFEST,
+    QUARANTINE,
+    REPORT,
+    SHARD_SCHEMA,
+    SPLITS,
+    TRAIN,
+    VAL,
+    join,
+    read_json,
+    resolve,
+    temp_name,
+)
 
 STAGE = "prep"  # the marker's `written_by` is "cnnflow prep"
-SHARD_NAME = re.compile(r"part-\d{5}\.parquet")
+SHARD_NAME = re.compile(r"(?:moved-)?part-\d{5}\.parquet")
+MOVED_PREFIX = "moved-"  # a shard of rows data_prep/splits.py moved from the other split
 
 
 def check_paths(input: str, output: str) -> set[str]:
@@ -89,8 +103,19 @@ def _stamped_files(fs: pafs.FileSystem, root: str, present: dict[str, pafs.FileI
 
 
 def shard_files(chunks: list[list[tuple[str, int, str]]]) -> list[str]:
-    """The shards the tasks will write, relative to OUTPUT (see _run_tasks for the names)."""
-    return sorted({f"{split}/{shard_name(i)}" for i, chunk in enumerate(chunks) for _, _, split in chunk})
+    """The shards the tasks may write, relative to OUTPUT (see _run_tasks for the names).
+
+    A labelled file's task writes it to train or val, and data_prep/splits.py may move it
+    to a `moved-` shard of the other: all of those are named.
+    """
+    names = set()
+    for i, chunk in enumerate(chunks):
+        for split in {split for _, _, split in chunk}:
+            if split == BY_CONTENT:
+                names |= {f"{s}/{n}" for s in (TRAIN, VAL) for n in (shard_name(i), MOVED_PREFIX + shard_name(i))}
+            else:
+                names.add(f"{split}/{shard_name(i)}")
+    return sorted(names)
 
 
 def shard_name(task: int) -> str:

@@ -1,4 +1,7 @@
-"""Listing an image folder (local or any pyarrow URI), labelling files and splitting them.
+"""Listing an image folder (local or any pyarrow URI) and labelling its files.
+
+A labelled file's split is decided from its bytes when its task reads it
+(data_prep/splits.py), so the scan leaves it as BY_CONTENT.
 
 Everything here runs in the driver and reads only names, never image bytes: a few
 bytes per file. Every listed entry ends up in `Scan.files` (to be decoded), in
@@ -14,18 +17,17 @@ under a readable form (`readable_name`), never a crash.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
 from data_prep.decode import IMAGE_EXTENSIONS
 from data_prep.options import PrepOptions, label_source
-from data_prep.schema import TRAIN, UNLABELED, UNLABELED_LABEL, VAL, join, resolve
+from data_prep.schema import BY_CONTENT, UNLABELED, UNLABELED_LABEL, join, resolve
 
 HIDDEN_NAMES = frozenset({"__MACOSX"})  # macOS zip residue, alongside dot-files
 NOT_UTF8 = "name is not valid UTF-8 (its bytes shown as \\xNN); rename it to include it"
@@ -39,7 +41,7 @@ class PrepError(ValueError):
 class SourceFile:
     path: str  # relative to INPUT, forward slashes
     label: int  # index into Scan.classes; -1 when unlabeled
-    split: str  # train, val or data
+    split: str  # data when unlabeled; else BY_CONTENT: its task decides (data_prep/splits.py)
 
 
 @dataclass
@@ -63,9 +65,9 @@ def normalize_uri(uri: str) -> str:
 
 
 def scan(input: str, options: PrepOptions | None = None) -> Scan:
-    """List INPUT, label every image file and decide its split; raise PrepError if unusable.
+    """List INPUT and label every image file; raise PrepError if unusable.
 
-    Of the options, `labels`, `unlabeled`, `val_fraction` and `seed` count (default: prep's).
+    Of the options, `labels` and `unlabeled` count (default: prep's).
     """
     options = options or PrepOptions()
     root = normalize_uri(input)
@@ -111,8 +113,7 @@ def scan(input: str, options: PrepOptions | None = None) -> Scan:
     named, csv_missing = _label(images, options.labels, root, skipped)
     classes = sorted(set(named.values()))
     index = {name: i for i, name in enumerate(classes)}
-    splits = assign_splits(named, val_fraction=options.val_fraction, seed=options.seed)
-    files = [SourceFile(p, index[named[p]], splits[p]) for p in sorted(named)]
+    files = [SourceFile(p, index[named[p]], BY_CONTENT) for p in sorted(named)]
     empty = [d for d in top_dirs if d not in index and not _hidden(d)] if options.labels == "folder" else []
     result = Scan(root, classes, files, skipped, empty, csv_missing, quarantined)
     _check_found(result, input, labels=options.labels)
@@ -287,37 +288,6 @@ def read_label_csv(location: str, root: str) -> dict[str, str]:
         table[path] = label
         first_line.setdefault(path, line)
     return table
-
-
-def unit_hash(seed: int, path: str) -> float:
-    """A number in [0, 1) fixed by (seed, path): the file's place in the split."""
-    digest = hashlib.blake2b(f"{seed}:{path}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
-def assign_splits(named: dict[str, str], *, val_fraction: float, seed: int) -> dict[str, str]:
-    """{path: train|val}, stratified by class, each file decided by its own hash.
-
-    A file goes to val when its hash is below val_fraction, so adding files never moves
-    another one. Each class is split on its own, and a class of two or more files that
-    the hashes left without a val (or train) file gives its lowest (highest) hash to it,
-    so every class is seen on both sides; only such tiny classes can move when files
-    are added.
-    """
-    by_class: dict[str, list[tuple[float, str]]] = defaultdict(list)
-    for path, name in named.items():
-        by_class[name].append((unit_hash(seed, path), path))
-    splits: dict[str, str] = {}
-    for members in by_class.values():
-        members.sort()
-        for u, path in members:
-            splits[path] = VAL if u < val_fraction else TRAIN
-        if len(members) >= 2:
-            if all(splits[p] == TRAIN for _, p in members):
-                splits[members[0][1]] = VAL
-            elif all(splits[p] == VAL for _, p in members):
-                splits[members[-1][1]] = TRAIN
-    return splits
 
 
 def _check_found(result: Scan, input: str, *, labels: str) -> None:

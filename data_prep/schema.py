@@ -9,6 +9,7 @@ and 1.2-2.6x slower through Ray Data (bench/bench_shard_format.py).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -23,6 +24,22 @@ QUARANTINE = "quarantine.csv"
 TRAIN, VAL, UNLABELED = "train", "val", "data"  # shard subfolders
 SPLITS = (TRAIN, VAL, UNLABELED)  # every subfolder a prep output may have
 UNLABELED_LABEL = -1
+BY_CONTENT = ""  # a labelled file's split until its task has read its bytes (data_prep/splits.py)
+# The split rule, recorded in the manifest: content_split of the file's sha256, each
+# near-duplicate group in one split (unless --near-duplicates ignore), every class on both sides.
+SPLIT_RULE = "sha256"
+
+
+def unit_hash(seed: int, key: str) -> float:
+    """A number in [0, 1) fixed by (seed, key)."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def content_split(sha256: str, *, seed: int, val_fraction: float) -> str:
+    """val when the hash of the file's bytes falls below val_fraction: identical bytes,
+    one split, and adding files moves no other file."""
+    return VAL if unit_hash(seed, sha256) < val_fraction else TRAIN
 
 SHARD_SCHEMA = pa.schema(
     [

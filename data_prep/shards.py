@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from data_prep.decode import Decoded, Limits, load_image
 from data_prep.phash import phash
-from data_prep.schema import SHARD_SCHEMA, TRAIN, join, resolve
+from data_prep.schema import BY_CONTENT, SHARD_SCHEMA, TRAIN, content_split, join, resolve
 
 COMPRESSION = "zstd"  # raw pixels: ~10-30% smaller, decompresses at GB/s
 ROW_GROUP_BYTES = 16 << 20  # rows buffered per row group before it is written
@@ -120,9 +120,13 @@ def write_chunk(
     resize: str,
     limits: Limits,
     stats_split: str = TRAIN,
+    seed: int = 0,
+    val_fraction: float = 0.2,
 ) -> Iterator[int | ChunkResult]:
     """Decode `files` ((path, label, split) under INPUT) into OUTPUT/<split>/<name>.
 
+    A split of BY_CONTENT is decided here from the file's sha256, `seed` and
+    `val_fraction` (data_prep/splits.py: content_split).
     Pixel statistics are gathered over the rows of `stats_split` only (train's, or all
     rows of unlabeled data).
     Yields the number of files done every PROGRESS_EVERY files, then one ChunkResult.
@@ -142,6 +146,8 @@ def write_chunk(
         else:
             data, decoded = loaded.data, loaded.decoded
             sha = hashlib.sha256(data).hexdigest()
+            if split == BY_CONTENT:
+                split = content_split(sha, seed=seed, val_fraction=val_fraction)
             if split not in writers:
                 writers[split] = _ShardWriter(join(output, split, name), decoded.pixels.nbytes)
             pixels_hash = phash(decoded.pixels)

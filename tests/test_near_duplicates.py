@@ -106,3 +106,58 @@ def test_prep_reports_a_near_copy_under_another_class_and_leaves_distinct_pictur
     group = near["groups"][0]
     assert group["across_classes"] and [f["label"] for f in group["files"]] == ["a", "b"]
     assert near["counts"] == {"groups": 1, "files": 2, "across_splits": int(group["across_splits"]), "across_classes": 1}
+
+
+def test_a_near_copy_in_the_other_split_is_kept_with_its_original_unless_told_to_ignore(
+    ray_local, tmp_path: Path
+) -> None:
+    import hashlib
+
+    from data_prep.schema import content_split
+    from workflows.config import PrepConfig
+    from workflows.prep import run
+
+    src = tmp_path / "in"
+    for label, seeds in (("a", range(0, 8)), ("b", range(100, 108))):
+        (src / label).mkdir(parents=True)
+        for seed in seeds:
+            Image.fromarray(smooth_picture(seed, 128)).save(src / label / f"img_{seed}.png")
+
+    def split_of(path: Path) -> str:
+        return content_split(hashlib.sha256(path.read_bytes()).hexdigest(), seed=0, val_fraction=0.2)
+
+    original = src / "a/img_3.png"
+    for quality in range(60, 100):  # a near-copy whose own bytes put it in the other split
+        Image.fromarray(reencoded(smooth_picture(3, 128))).save(src / "a/copy_of_3.jpg", quality=quality)
+        if split_of(src / "a/copy_of_3.jpg") != split_of(original):
+            break
+    else:
+        pytest.fail("no JPEG quality put the copy in the other split")
+
+    def prep(out: str, **options: object) -> dict:
+        assert run(PrepConfig(input=str(src), output=str(tmp_path / out), image_size=32, **options)) == 0
+        return json.loads((tmp_path / out / "report.json").read_text())
+
+    apart = prep("ignored", near_duplicates="ignore")
+    [group] = apart["near_duplicates"]["groups"]
+    assert [f["path"] for f in group["files"]] == ["a/copy_of_3.jpg", "a/img_3.png"] and group["across_splits"]
+    assert any("span train and val" in w for w in apart["warnings"])
+
+    together = prep("together")
+    [group] = together["near_duplicates"]["groups"]
+    assert not group["across_splits"] and together["near_duplicates"]["moved_to_keep_together"] == 1
+    assert not any("span train and val" in w for w in together["warnings"])
+    manifest = json.loads((tmp_path / "together/manifest.json").read_text())
+    assert manifest["num_rows"]["train"] + manifest["num_rows"]["val"] == 17
+    assert together["counts"]["written"] == 17  # moved, not lost or doubled
+    shard_rows = [r for split in ("train", "val") for r in _rows(tmp_path / "together", split)]
+    assert sorted(r["path"] for r in shard_rows) == sorted(p.relative_to(src).as_posix() for p in src.rglob("*.*"))
+    where = {r["path"]: r["split"] for r in shard_rows}
+    assert where["a/copy_of_3.jpg"] == where["a/img_3.png"] == group["files"][0]["split"]
+
+
+def _rows(out: Path, split: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return [dict(r, split=split) for f in sorted((out / split).glob("*.parquet"))
+            for r in pq.read_table(f, columns=["path"]).to_pylist()]  # fmt: skip

@@ -20,7 +20,6 @@ import pytest
 from PIL import Image
 
 from data_prep.decode import IMAGE_EXTENSIONS, Limits, UndecodableImage, decode_image
-from data_prep.options import PrepOptions
 from data_prep.scan import scan
 from data_prep.schema import SHARD_FORMAT_VERSION, SHARD_SCHEMA, read_manifest
 from tests.images import encode, label_from_pixels, pattern_pixels
@@ -279,26 +278,36 @@ def test_unlabeled_input_goes_to_one_split_with_label_minus_one(image_folder, ra
     assert not (tmp_path / "out" / "train").exists()
 
 
-def test_split_is_stratified_reproducible_and_stable_when_files_are_added(tmp_path: Path) -> None:
-    # The split reads names only, so empty files are enough here.
-    def touch(names: list[str]) -> None:
-        for name in names:
-            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / name).touch()
+def test_split_follows_the_bytes_reproducibly_and_stays_when_files_are_added(ray_local, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
 
-    touch([f"{c}/{i}.jpg" for c in ("a", "b") for i in range(300)] + ["c/0.jpg", "c/1.jpg"])
-    first = {f.path: f.split for f in scan(str(tmp_path), PrepOptions(val_fraction=0.2, seed=3)).files}
-    again = {f.path: f.split for f in scan(str(tmp_path), PrepOptions(val_fraction=0.2, seed=3)).files}
-    assert first == again
+    def write(names: list[str], folder: Path = tmp_path / "in") -> None:
+        for name in names:  # noise: every file's bytes differ, and no two are near-duplicates
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / name)
+
+    def splits(out: Path) -> dict[str, str]:
+        return {r["path"]: split for split in ("train", "val") for r in rows(out, split)}
+
+    write([f"{c}/{i}.png" for c in ("a", "b") for i in range(150)] + ["c/0.png", "c/1.png"])
+    for copy in ("a/copy.png", "b/copy.png"):
+        shutil.copy(tmp_path / "in/a/0.png", tmp_path / "in" / copy)
+    assert prep(tmp_path / "in", tmp_path / "out", val_fraction=0.2, seed=3, near_duplicates="ignore") == 0
+    first = splits(tmp_path / "out")
+    assert first["a/0.png"] == first["a/copy.png"] == first["b/copy.png"]  # identical bytes, one split
     for c in ("a", "b"):
-        share = sum(s == "val" for p, s in first.items() if p.startswith(c + "/")) / 300
-        assert 0.13 < share < 0.27
-    assert sorted(s for p, s in first.items() if p.startswith("c/")) == ["train", "val"]  # tiny class
-    touch([f"{c}/new_{i}.jpg" for c in ("a", "b") for i in range(200)])
-    grown = {f.path: f.split for f in scan(str(tmp_path), PrepOptions(val_fraction=0.2, seed=3)).files}
+        share = sum(s == "val" for p, s in first.items() if p.startswith(c + "/")) / 151
+        assert 0.1 < share < 0.3
+    assert sorted(s for p, s in first.items() if p.startswith("c/")) == ["train", "val"]  # tiny class: both sides
+    assert read_manifest(str(tmp_path / "out"))["split_rule"]["by"] == "sha256"
+    assert prep(tmp_path / "in", tmp_path / "again", val_fraction=0.2, seed=3, near_duplicates="ignore") == 0
+    assert splits(tmp_path / "again") == first
+    write([f"{c}/new_{i}.png" for c in ("a", "b") for i in range(100)])
+    assert prep(tmp_path / "in", tmp_path / "grown", val_fraction=0.2, seed=3, near_duplicates="ignore") == 0
+    grown = splits(tmp_path / "grown")
     assert all(grown[p] == s for p, s in first.items())
-    other_seed = {f.path: f.split for f in scan(str(tmp_path), PrepOptions(val_fraction=0.2, seed=4)).files}
-    assert other_seed != grown
+    assert prep(tmp_path / "in", tmp_path / "seed4", val_fraction=0.2, seed=4, near_duplicates="ignore") == 0
+    assert splits(tmp_path / "seed4") != grown
 
 
 # --- duplicates, reruns, content hash ---------------------------------------------------
