@@ -20,7 +20,7 @@ from workflows.tracking.connection import (
     use_tracking,
     use_tracking_uri,
 )
-from workflows.tracking.lineage import log_dataset_inputs
+from workflows.tracking.lineage import SCORING_TAG_PREFIX, ScoringRun, log_dataset_inputs
 from workflows.tracking.listing import list_runs
 from workflows.tracking.promotion import Decision, champion_gate
 from workflows.tracking.registry import (
@@ -109,6 +109,8 @@ __all__ = [
     "tag_version",
     "versions",
     # lineage
+    "SCORING_TAG_PREFIX",
+    "ScoringRun",
     "log_dataset_inputs",
     # promotion, listing
     "Decision",
