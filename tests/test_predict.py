@@ -120,7 +120,7 @@ def test_each_job_is_a_scoring_run_and_every_link_leads_back_to_the_data(ray_loc
 
     # Row -> its scoring run: rows kept from the first job keep its id.
     rows = read_output(out)
-    assert set(rows.loc[rows["path"].str.startswith("a/"), "scoring_run"]) == {first_run}
+    assert rows.loc[rows["path"].str.startswith("a/"), "scoring_run"].tolist() == [first_run] * len(first)
     assert set(rows.loc[rows["path"].str.startswith("b/"), "scoring_run"]) == {second_run}
 
     # Scoring run -> the version it used, what it read and wrote, its counts.
@@ -374,3 +374,72 @@ def test_decode_tasks_cover_every_file_once_small_first(n, replicas):
     assert sizes[:-1] == sorted(sizes[:-1])  # growing, then at most the cap
     if n >= 4 * replicas * 16:
         assert len(chunks) >= 4 * replicas  # every replica has work
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_mlflow_models_serve_answers_with_the_scores_of_predict(ray_local, registry, folder, tmp_path):
+    """`mlflow models serve -m models:/NAME@champion`, asked over HTTP in the logged serving
+    example's format, gives the rows `cnnflow predict` wrote for the same files."""
+    import base64
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import mlflow
+
+    from tests.cluster_helpers import free_port
+
+    root, truth = folder
+    champion = f"models:/{NAME}@champion"
+    out = tmp_path / "preds"
+    assert predict(root, out, model=champion) == 0
+    rows = read_output(out).set_index("path").sort_index()
+
+    # The request as the logged model's serving example makes it: a dataframe_split of base64 image bytes.
+    model = Path(mlflow.artifacts.download_artifacts(artifact_uri=champion, dst_path=str(tmp_path / "model")))
+    example = json.loads((model / "serving_input_example.json").read_text())["dataframe_split"]
+    assert example["columns"] == ["image"] and base64.b64decode(example["data"][0][0])[:8] == b"\x89PNG\r\n\x1a\n"
+    request = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode((root / p).read_bytes()).decode()] for p in rows.index]}}
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    bin = Path(sys.executable).parent  # `mlflow models serve` runs `uvicorn` from PATH: the venv's, as when activated
+    with open(log, "w") as sink:
+        server = subprocess.Popen(
+            [str(bin / "mlflow"), "models", "serve", "-m", champion, "--env-manager", "local", "-h", "127.0.0.1",
+             "-p", str(port)],
+            env={**os.environ, "MLFLOW_TRACKING_URI": registry.tracking_uri, "PATH": f"{bin}{os.pathsep}{os.environ['PATH']}"},
+            stdout=sink, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the server and its workers end together
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as ping:
+                    if ping.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        post = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=json.dumps(request).encode(),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(post, timeout=120) as response:
+            served = pd.DataFrame(json.loads(response.read())["predictions"], index=rows.index)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+    assert list(served["label"].fillna("<error>")) == list(rows["label"].fillna("<error>"))
+    assert (served["error"].notna() == rows["error"].notna()).all() and rows["error"].notna().sum() == len(BROKEN)
+    good = rows["error"].isna()
+    assert np.allclose(served.loc[good, "score"].astype(float), rows.loc[good, "score"], atol=1e-5)
+    assert np.allclose(np.stack(served.loc[good, "probabilities"]), np.stack(rows.loc[good, "probabilities"]), atol=1e-5)
