@@ -141,7 +141,7 @@ class ScoringRun:
     def __enter__(self) -> ScoringRun:
         return self
 
-    def start(self, model_uri: str, *, input: str, output: str, tags: Mapping[str, Any] | None = None) -> str:
+    def start(self, model_uri: str, *, input: str, output: str) -> str:
         """Create the run, tagged with `model_uri`'s version, and tag the version with it."""
         use_tracking()
         c = client()
@@ -157,7 +157,6 @@ class ScoringRun:
                     TRAINING_RUN_TAG: training_run,
                     "input": input,
                     "output": output,
-                    **{k: str(v) for k, v in (tags or {}).items()},
                 }
             ),
         )
