@@ -183,6 +183,8 @@ def test_every_option_is_bounded_when_the_config_is_built(cls: type, values: dic
         (cfg.TrainConfig, {"run_name": "two\nlines"}, r"run_name must not contain control characters"),
         (cfg.TuneConfig, {"register_as": "a/b"}, r"must not contain '/' or ':'"),
         (cfg.RunsConfig, {"experiment": "tab\there"}, r"must not contain control characters"),
+        (cfg.PredictConfig, {"experiment": "it's"}, r"experiment must not contain quotes"),
+        (cfg.PredictConfig, {"experiment": ""}, r"experiment must not be empty"),
         (cfg.PromoteConfig, {"name": "a/b"}, r"must not contain '/' or ':'"),
     ],
 )

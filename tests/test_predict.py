@@ -87,7 +87,7 @@ def test_predicts_right_label_one_row_per_file_and_error_rows(ray_local, registr
     assert "empty" in bad.loc["broken/empty.png", "error"]
 
     schema = pq.read_schema(next(out.glob("part-*.parquet")))
-    assert [f.name for f in schema] == ["path", "label", "score", "probabilities", "model_uri", "error"]
+    assert [f.name for f in schema] == ["path", "label", "score", "probabilities", "model_uri", "error", "scoring_run"]
     assert schema.field("score").type == pa.float32()
     assert pa.types.is_list(schema.field("probabilities").type)
     assert schema.field("probabilities").type.value_type == pa.float32()
@@ -98,6 +98,72 @@ def test_predicts_right_label_one_row_per_file_and_error_rows(ray_local, registr
     expected = pd.Series(truth).map(lambda k: CLASSES[k]).value_counts().to_dict()
     assert summary["counts"] == {c: expected.get(c, 0) for c in CLASSES}
     assert summary["images_per_s"] > 0 and summary["skipped_files"] == {"not an image by extension (.txt)": 1}
+    assert (rows["scoring_run"] == summary["scoring_run_id"]).all()
+
+
+def test_each_job_is_a_scoring_run_and_every_link_leads_back_to_the_data(ray_local, registry, tmp_path, capfd):
+    import mlflow
+
+    from data_prep.schema import read_manifest
+    from workflows import tracking
+
+    root = tmp_path / "images"
+    first = make_image_folder(root / "a", classes=CLASSES, per_class=2, size=40, seed=6)
+    out = tmp_path / "preds"
+    assert predict(root, out, experiment="lineage") == 0
+    first_run = json.loads((out / "summary.json").read_text())["scoring_run_id"]
+    assert f"scoring run {first_run} in experiment 'lineage'" in capfd.readouterr().err
+    make_image_folder(root / "b", classes=CLASSES, per_class=1, size=40, seed=7)
+    assert predict(root, out, experiment="lineage") == 0  # resumes: scores b only
+    second_run = json.loads((out / "summary.json").read_text())["scoring_run_id"]
+    assert second_run != first_run
+
+    # Row -> its scoring run: rows kept from the first job keep its id.
+    rows = read_output(out)
+    assert rows.loc[rows["path"].str.startswith("a/"), "scoring_run"].tolist() == [first_run] * len(first)
+    assert set(rows.loc[rows["path"].str.startswith("b/"), "scoring_run"]) == {second_run}
+
+    # Scoring run -> the version it used, what it read and wrote, its counts.
+    client = tracking.client()
+    run = client.get_run(second_run)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "lineage"
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    assert (tags["model_name"], tags["model_version"], tags["model_uri"]) == (NAME, "1", registry.uri)
+    assert (tags["input"], tags["output"]) == (str(root), str(out)) and params["model_uri"] == registry.uri
+    assert (params["format"], params["workers"], params["precision"]) == ("parquet", "1", "auto")
+    assert metrics["rows"] == len(rows) and metrics["errors"] == 0
+    assert metrics["rows_scored_this_run"] == len(CLASSES) and metrics["images_per_s"] > 0
+    assert {"summary.json"} <= {a.path for a in client.list_artifacts(second_run)}
+
+    # Version -> every scoring run that used it: a tag per run on the version, and a search.
+    version = client.get_model_version(NAME, "1")
+    assert version.tags[f"scoring_run.{first_run}"] == version.tags[f"scoring_run.{second_run}"] == str(out)
+    found = mlflow.search_runs(
+        experiment_names=["lineage"], filter_string=f"tags.model_name = '{NAME}' and tags.model_version = '1'",
+        output_format="list",
+    )  # fmt: skip
+    assert {r.info.run_id for r in found} == {first_run, second_run}
+
+    # Version -> training run -> its dataset inputs, whose digest is the data's content hash.
+    assert version.run_id == tags["training_run"] == registry.run_id
+    content_hash = read_manifest(str(registry.prepared))["content_hash"]
+    inputs = client.get_run(version.run_id).inputs.dataset_inputs
+    assert {i.dataset.digest for i in inputs} == {content_hash[:36]}
+    assert {t.value for i in inputs for t in i.tags if t.key == "content_hash"} == {content_hash}
+
+
+def test_a_job_that_fails_ends_its_scoring_run_failed(ray_local, registry, tmp_path):
+    from workflows import tracking
+
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "text.jpg").write_text("not an image at all")
+    out = tmp_path / "preds"
+    assert predict(root, out, experiment="lineage-failed") == 1  # every row is an error
+    run = tracking.client().get_run(json.loads((out / "summary.json").read_text())["scoring_run_id"])
+    assert run.info.status == "FAILED" and "no file could be scored" in run.data.tags["failure_reason"]
+    assert run.data.metrics["errors"] == 1 and read_output(out)["scoring_run"].tolist() == [run.info.run_id]
 
 
 def test_pyfunc_model_gives_the_same_labels_as_the_batch_job(ray_local, registry, folder, tmp_path):
@@ -308,3 +374,72 @@ def test_decode_tasks_cover_every_file_once_small_first(n, replicas):
     assert sizes[:-1] == sorted(sizes[:-1])  # growing, then at most the cap
     if n >= 4 * replicas * 16:
         assert len(chunks) >= 4 * replicas  # every replica has work
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_mlflow_models_serve_answers_with_the_scores_of_predict(ray_local, registry, folder, tmp_path):
+    """`mlflow models serve -m models:/NAME@champion`, asked over HTTP in the logged serving
+    example's format, gives the rows `cnnflow predict` wrote for the same files."""
+    import base64
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import mlflow
+
+    from tests.cluster_helpers import free_port
+
+    root, truth = folder
+    champion = f"models:/{NAME}@champion"
+    out = tmp_path / "preds"
+    assert predict(root, out, model=champion) == 0
+    rows = read_output(out).set_index("path").sort_index()
+
+    # The request as the logged model's serving example makes it: a dataframe_split of base64 image bytes.
+    model = Path(mlflow.artifacts.download_artifacts(artifact_uri=champion, dst_path=str(tmp_path / "model")))
+    example = json.loads((model / "serving_input_example.json").read_text())["dataframe_split"]
+    assert example["columns"] == ["image"] and base64.b64decode(example["data"][0][0])[:8] == b"\x89PNG\r\n\x1a\n"
+    request = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode((root / p).read_bytes()).decode()] for p in rows.index]}}
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    bin = Path(sys.executable).parent  # `mlflow models serve` runs `uvicorn` from PATH: the venv's, as when activated
+    with open(log, "w") as sink:
+        server = subprocess.Popen(
+            [str(bin / "mlflow"), "models", "serve", "-m", champion, "--env-manager", "local", "-h", "127.0.0.1",
+             "-p", str(port)],
+            env={**os.environ, "MLFLOW_TRACKING_URI": registry.tracking_uri, "PATH": f"{bin}{os.pathsep}{os.environ['PATH']}"},
+            stdout=sink, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the server and its workers end together
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as ping:
+                    if ping.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        post = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=json.dumps(request).encode(),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(post, timeout=120) as response:
+            served = pd.DataFrame(json.loads(response.read())["predictions"], index=rows.index)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+    assert list(served["label"].fillna("<error>")) == list(rows["label"].fillna("<error>"))
+    assert (served["error"].notna() == rows["error"].notna()).all() and rows["error"].notna().sum() == len(BROKEN)
+    good = rows["error"].isna()
+    assert np.allclose(served.loc[good, "score"].astype(float), rows.loc[good, "score"], atol=1e-5)
+    assert np.allclose(np.stack(served.loc[good, "probabilities"]), np.stack(rows.loc[good, "probabilities"]), atol=1e-5)

@@ -7,6 +7,7 @@ tag, version tag and artifact file. The terminal side runs the real `cnnflow` CL
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,7 @@ def stored_text(client: MlflowClient, run_id: str, tmp: Path) -> str:
     """Every param, tag and artifact file of the run, and its registered versions' tags, as text."""
     run = client.get_run(run_id)
     parts = [repr(run.data.params), repr(run.data.tags), run.info.run_name or ""]
+    parts += [f"{i.dataset.name} {i.dataset.source} {i.tags}" for i in run.inputs.dataset_inputs]
     folder = Path(client.download_artifacts(run_id, "", str(tmp)))
     files = [f for f in folder.rglob("*") if f.is_file()]
     assert {"manifest.json", "config.yaml"} <= {f.name for f in files}
@@ -91,6 +93,7 @@ def test_a_run_with_secret_uris_stores_and_prints_no_secret(mlflow_uri, tmp_path
         with tracking.training_run(
             experiment="secrets", run_name=None, params=resolved_options(p), tags=run_tags(p)
         ) as run_id:
+            tracking.log_dataset_inputs(run_id, data=DATA, manifest=manifest, splits=("train", "val"))
             tracking.log_epoch(mlflow_uri, run_id, 1, {"train_loss": 0.7, "val_loss": 0.7, "val_acc": 0.5, "lr": 0.01})
             log_artifacts(p, run_id, model, evaluation)
             preprocessing = {k: manifest[k] for k in ("classes", "image_size", "resize", "mean", "std")}
@@ -107,6 +110,16 @@ def test_a_run_with_secret_uris_stores_and_prints_no_secret(mlflow_uri, tmp_path
     assert set(to_dict(config)) <= set(run.data.params)  # every option logged, none dropped
     text = stored_text(client, run_id, tmp_path / "artifacts")
     assert "AKIAEXAMPLE" not in text and SECRET not in text and "reader:" not in text
+    sources = {json.loads(i.dataset.source)["uri"] for i in run.inputs.dataset_inputs}
+    assert sources == {"s3://***@bucket/shards/pets/train", "s3://***@bucket/shards/pets/val"}
+
+    # A scoring run that reads and writes secret URIs: its params, its tags and the version's tag.
+    with tracking.ScoringRun(experiment="secrets-scoring", params={"input": IMAGES, "output": DATA}) as scoring:
+        scoring.start("models:/pets/1", input=IMAGES, output=DATA)
+    scored = client.get_run(scoring.run_id)
+    text = repr(scored.data.params) + repr(scored.data.tags) + repr(client.get_model_version("pets", "1").tags)
+    assert "AKIAEXAMPLE" not in text and SECRET not in text and "reader:" not in text
+    assert scored.data.tags["output"] == "s3://***@bucket/shards/pets" and scored.info.status == "FINISHED"
     out, err = capfd.readouterr()
     assert SECRET not in out + err
 

@@ -106,9 +106,27 @@ def test_one_worker_learns_and_the_run_is_complete(flow_store):
     per_class = mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/per_class.json")
     assert set(per_class["classes"]) == set(CLASSES)
 
+    # The shards are the run's MLflow dataset inputs: one per split, the manifest's hash as
+    # the digest (MLflow keeps 36 characters; the whole hash is a tag), the split's folder
+    # as the source.
+    inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i for i in r.inputs.dataset_inputs}
+    assert sorted(inputs) == ["train", "val"]
+    for split, given in inputs.items():
+        tags = {t.key: t.value for t in given.tags}
+        assert given.dataset.name == f"prepared/{split}"
+        assert given.dataset.digest == content_hash[:36] and tags["content_hash"] == content_hash
+        assert json.loads(given.dataset.source) == {"uri": str(flow.prepared / split)}
+        assert given.dataset.source_type == "local" and tags["num_rows"] == str(manifest["num_rows"][split])
+
     # Registered as --register-as, tagged; loadable as plain PyTorch and as pyfunc.
     version = client.get_model_version("stripes", "1")
     assert version.tags["run_id"] == r.info.run_id and version.tags["content_hash"] == content_hash
+    # The version comes from the run and is its logged model (MLflow 3's models:/m-ID source),
+    # which lists the version back.
+    assert version.run_id == r.info.run_id and version.source == r.data.tags["logged_model_uri"]
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == r.info.run_id
+    assert {"name": "stripes", "version": 1} in json.loads(logged.tags["mlflow.modelVersions"])
     assert float(version.tags["val_acc"]) > 0.8
     classifier = tracking.load_classifier("models:/stripes/1")
     assert classifier.uri == "models:/stripes/1" and classifier.preprocessing["classes"] == manifest["classes"]

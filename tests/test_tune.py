@@ -52,6 +52,9 @@ def test_two_trials_make_a_parent_two_children_and_register_the_better(ray_local
     assert parent.data.params["epochs"] == "1" and parent.data.params["search.width"] == "choice 4, 8, 16"
     assert "search.lr" in parent.data.params and parent.data.params["trials"] == "2"
     assert {c.data.params["width"] for c in children} <= {"4", "8", "16"}
+    # Each trial read the same shards: its dataset inputs, as `cnnflow train`'s run has them.
+    for c in children:
+        assert sorted(i.dataset.name for i in c.inputs.dataset_inputs) == ["stripes/train", "stripes/val"]
     # The first trial is the given options themselves: the search starts from `train`'s run.
     first = next(c for c in children if c.info.run_name == "trial-1")
     assert (first.data.params["width"], float(first.data.params["lr"])) == ("8", 0.01)

@@ -40,6 +40,7 @@ from workflows.options import (  # noqa: F401  (re-exported: imported from here 
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default: `mlflow ui` there shows it
 DEFAULT_EXPERIMENT = "cnnflow"
+DEFAULT_SCORING_EXPERIMENT = "cnnflow-scoring"  # predict's runs, apart from the training runs
 CHAMPION_ALIAS = "champion"
 
 OptimizerName = Literal["adamw", "sgd"]
@@ -200,10 +201,16 @@ class PredictConfig(ImageLimits, RayOptions):
     )
     format: OutputFormat = option("parquet", "Output file format.")
     overwrite: bool = option(False, "Replace predictions made by another model version.")
+    experiment: str = option(
+        DEFAULT_SCORING_EXPERIMENT,
+        "MLflow experiment of the scoring runs: each predict job is a run there, linked to the "
+        "model version (a tag on the version) and named in every row it writes.",
+    )
 
     def __post_init__(self) -> None:
         RayOptions.__post_init__(self)
         ImageLimits.__post_init__(self)
+        check_experiment_name(self.experiment)
         if self.batch_size is not None:
             check_range("batch_size", self.batch_size, 1, MAX_BATCH)
         # Each replica is a process holding the model: more than this only exhausts memory.

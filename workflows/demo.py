@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from workflows.config import DemoConfig, PredictConfig, PrepConfig, TrainConfig
+from workflows.config import DEFAULT_SCORING_EXPERIMENT, DemoConfig, PredictConfig, PrepConfig, TrainConfig
 from workflows.ray_runtime import ray_session
 
 DEMO_IMAGE_SIZE = 32  # px: the 8x8 scans upscaled 4x, as prep writes them
@@ -117,7 +117,8 @@ def run(config: DemoConfig) -> int:
         else:
             step(2, "prep: image folder -> Parquet shards")
             prep.run(PrepConfig(input=str(paths.images), output=str(paths.shards), image_size=DEMO_IMAGE_SIZE))
-        tracking.ensure_experiment(EXPERIMENT, artifact_location=(paths.root / "mlartifacts").as_uri())
+        for experiment in (EXPERIMENT, DEFAULT_SCORING_EXPERIMENT):  # predict's scoring run too
+            tracking.ensure_experiment(experiment, artifact_location=(paths.root / "mlartifacts").as_uri())
         for model in DEMO_MODELS:
             run_name = f"demo-{model}"
             if tracking.finished_run_id(EXPERIMENT, run_name):

@@ -4,14 +4,16 @@ The driver consumes the pipeline's output itself: rows are small (a path, a labe
 floats), so it can count them for the summary and show progress as they come, and it
 hands them to `Output`, which writes each part file whole. Refusals (OUTPUT overlaps
 INPUT, holds what predict did not write, or is being written by another job) come with
-one line before the model loads or Ray starts.
+one line before the model loads or Ray starts. Each job is an MLflow scoring run
+(workflows/tracking/lineage.py), started once the model version is resolved, named in
+every row and in summary.json, and ended FAILED if the job fails.
 """
 from __future__ import annotations
 
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,21 +31,33 @@ from workflows.predict.output import SUMMARY, Output, error_rows
 from workflows.predict.precision import check_cpu, check_sample
 from workflows.terminal import plain, progress_bar
 
+if TYPE_CHECKING:
+    from workflows.tracking import ScoringRun
+
 
 def run(config: PredictConfig) -> int:
     try:  # refusals come before the model loads or Ray starts, and before anything is written
         safety.check_apart(config.input, config.output)
         check_cpu(config.precision, gpu=config.gpu)
-        with output_lock(config.output):  # one job at a time writes OUTPUT (data_prep/lock.py)
-            return _run(config, Output(config.output, config.format))
+        # One job at a time writes OUTPUT (data_prep/lock.py); the scoring run starts in _run.
+        with output_lock(config.output), _scoring_run(config) as scoring:
+            return _run(config, Output(config.output, config.format), scoring)
     except PrepError as exc:
         raise CnnflowError(str(exc)) from None
 
 
-def _run(config: PredictConfig, output: Output) -> int:
+def _scoring_run(config: PredictConfig) -> ScoringRun:
+    from workflows.config import to_dict
+    from workflows.tracking import ScoringRun
+
+    return ScoringRun(experiment=config.experiment, params=to_dict(config))
+
+
+def _run(config: PredictConfig, output: Output, scoring: ScoringRun) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from workflows.ray_runtime import ray_session
+    from workflows.tracking import run_url
 
     console = Console(stderr=True)
     started = time.perf_counter()
@@ -58,12 +72,14 @@ def _run(config: PredictConfig, output: Output) -> int:
         loading = pool.submit(load_job, config, output)
         with ray_session(config, dashboard=False):
             job = loading.result()
+            output.scoring_run = scoring.start(job.model_uri, input=config.input, output=config.output)
             timing["startup_s"] = time.perf_counter() - started  # Ray up, model loaded, inputs listed
             console.print(
                 f"predict: {len(job.inputs.paths):,} images in {plain(config.input)} ({job.inputs.kind}), "
                 f"{len(job.done):,} already scored in {plain(config.output)}, {len(job.todo):,} to score "
                 f"with {plain(job.model_uri)}"
             )
+            console.print(f"  scoring run {plain(run_url(scoring.run_id))} in experiment {plain(repr(config.experiment))}")
             if len(job.todo) and config.precision == "bf16" and not config.gpu:
                 limits = Limits.of(config.max_file_mb, config.max_megapixels)
                 checked = check_sample(job.classifier, job.inputs, job.todo, limits)
@@ -89,9 +105,21 @@ def _run(config: PredictConfig, output: Output) -> int:
         this_run=this_run,
     )
     schema.write_json(schema.join(config.output, SUMMARY), summary)
+    scoring.log_metrics(
+        {
+            "rows": summary["rows"],
+            "errors": summary["errors"],
+            "rows_scored_this_run": rows,
+            "errors_this_run": counts[None],
+            "images_per_s": this_run["images_per_s"],
+            "seconds": this_run["seconds"],
+        }
+    )
+    scoring.log_dict(summary, SUMMARY)
     closing_screen(console, summary, config.output)
     if summary["rows"] and summary["rows"] == summary["errors"]:
         console.print("[red]no file could be scored[/red]: every row is an error (see error_examples in summary.json)")
+        scoring.fail("no file could be scored: every row is an error")
         return 1
     return 0
 

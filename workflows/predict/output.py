@@ -25,8 +25,8 @@ from data_prep import safety, schema
 from data_prep.redact import redact_uri
 from workflows.errors import CnnflowError
 
-# The output table (docs/architecture.md, Formats); `probabilities` follow the model's classes order.
-OUTPUT_SCHEMA = pa.schema(
+# The rows the pipeline scores; `probabilities` follow the model's classes order.
+SCORED_SCHEMA = pa.schema(
     [
         pa.field("path", pa.string(), nullable=False),
         pa.field("label", pa.string()),
@@ -36,6 +36,10 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
     ]
 )
+# The output table (docs/architecture.md, Formats): the scored rows and the MLflow run id of
+# the job that wrote each (`Output.add` stamps it; rows an earlier job wrote keep theirs).
+SCORING_RUN = "scoring_run"
+OUTPUT_SCHEMA = SCORED_SCHEMA.append(pa.field(SCORING_RUN, pa.string()))
 
 SUMMARY = "summary.json"
 PART_PREFIX = "part-"
@@ -62,6 +66,7 @@ class Output:
         self.fs, self.root = schema.resolve(uri)
         self.root = self.root.rstrip("/") or "/"
         self.run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        self.scoring_run: str | None = None  # this job's MLflow run, in every row it writes
         self.runs = self._owned_runs()
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
@@ -157,6 +162,9 @@ class Output:
         return done.drop_columns(["model_uri"])
 
     def add(self, batch: pa.Table) -> None:
+        """Scored rows (SCORED_SCHEMA), to be written with this job's scoring run."""
+        run = pa.repeat(self.scoring_run, batch.num_rows).cast(pa.string())
+        batch = batch.append_column(OUTPUT_SCHEMA.field(SCORING_RUN), run)
         self.pending.append(batch)
         self.pending_rows += batch.num_rows
         if self.pending_rows >= ROWS_PER_FILE or time.monotonic() - self.opened >= SECONDS_PER_FILE:
@@ -203,6 +211,7 @@ class Output:
             "model_uri": model_uri,
             "model_name": classifier.name,
             "model_version": classifier.version,
+            "scoring_run_id": self.scoring_run,
             "input": redact_uri(input),  # summary.json is shared and shown: no credentials
             "skipped_files": skipped,
             "this_run": this_run,
@@ -232,5 +241,5 @@ def error_rows(paths: pa.Array, errors: list[str], model_uri: str) -> pa.Table:
             "model_uri": pa.array([model_uri] * n, pa.string()),
             "error": pa.array(errors, pa.string()),
         },
-        schema=OUTPUT_SCHEMA,
+        schema=SCORED_SCHEMA,
     )

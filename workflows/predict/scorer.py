@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import ray
 
 from data_prep.shard_reader import to_pixels
-from workflows.predict.output import OUTPUT_SCHEMA
+from workflows.predict.output import SCORED_SCHEMA
 from workflows.predict.precision import use_bf16
 
 
@@ -88,7 +88,7 @@ class Scorer:
                 pa.repeat(self.model_uri, n).cast(pa.string()),
                 batch.column("error").combine_chunks(),
             ],
-            schema=OUTPUT_SCHEMA,
+            schema=SCORED_SCHEMA,
         )
 
 

@@ -4,10 +4,11 @@ Callers use it as `from workflows import tracking; tracking.set_tags(...)`: the 
 below are its public face. `connection` finds and opens the store, `runs` creates and
 logs into runs (a tune's parent and children too), `registry` logs, registers, resolves
 and loads models, `promotion` moves the `champion` alias, `listing` reads an experiment
-back for `cnnflow runs`, and `pyfunc_model` is the model MLflow loads. Every write passes
-through `data_prep.redact`: a URI's credentials (`s3://KEY:SECRET@...` in an option, a
-manifest, an error) never reach a param, tag or artifact, and `run_url`/`ui_hint` show
-the tracking URI without its own.
+back for `cnnflow runs`, `lineage` links the data, training runs, versions and bulk jobs
+(dataset inputs; one scoring run per `cnnflow predict`), and `pyfunc_model` is the model
+MLflow loads. Every write passes through `data_prep.redact`: a URI's credentials
+(`s3://KEY:SECRET@...` in an option, a manifest, an error) never reach a param, tag or
+artifact, and `run_url`/`ui_hint` show the tracking URI without its own.
 """
 from workflows.tracking.connection import (
     check_reachable,
@@ -19,6 +20,7 @@ from workflows.tracking.connection import (
     use_tracking,
     use_tracking_uri,
 )
+from workflows.tracking.lineage import SCORING_TAG_PREFIX, ScoringRun, log_dataset_inputs
 from workflows.tracking.listing import list_runs
 from workflows.tracking.promotion import Decision, champion_gate
 from workflows.tracking.registry import (
@@ -106,6 +108,10 @@ __all__ = [
     "set_champion",
     "tag_version",
     "versions",
+    # lineage
+    "SCORING_TAG_PREFIX",
+    "ScoringRun",
+    "log_dataset_inputs",
     # promotion, listing
     "Decision",
     "champion_gate",

@@ -4,7 +4,8 @@ After `plan`, the driver creates the MLflow run, then runs a `TorchTrainer` over
 Datasets read from the shards (`loop.py` is the per-worker side). After the fit it takes
 the best validation epoch's weights (Ray Train keeps that checkpoint and the latest),
 evaluates them on the whole validation split, logs the artifacts and the model,
-registers a new version and, with --promote, moves `champion` if earned. `cnnflow tune`
+registers a new version and, with --promote, moves `champion` if earned. The shards are
+the run's MLflow dataset inputs (workflows/tracking/lineage.py). `cnnflow tune`
 runs the same `train_and_log` once per trial and registers only the best.
 """
 from __future__ import annotations
@@ -83,7 +84,9 @@ class Trained:
 def train_and_log(
     p: Plan, run_id: str, uri: str, scaling: Any, *, callbacks: Sequence[Any] = (), epoch_lines: bool = True
 ) -> Trained:
-    """Fit, then evaluate, describe and log the best epoch's model into the run."""
+    """Log the shards as the run's dataset inputs; fit, then evaluate, describe and log
+    the best epoch's model into the run."""
+    tracking.log_dataset_inputs(run_id, data=p.data, manifest=p.manifest, splits=(TRAIN, VAL))
     state = fit(p, run_id, uri, scaling, callbacks=callbacks, epoch_lines=epoch_lines)
     model, spec = model_from_state(state["model"])
     preprocessing = preprocessing_from_manifest(p.manifest, tta=p.tta)
