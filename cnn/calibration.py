@@ -9,6 +9,12 @@ preprocessing contract, which `cnn.inference` and predict read.
   model, T < 1 sharpens an under-confident one (label smoothing makes them so). T is the
   value that minimises the validation labels' negative log-likelihood, found by a grid
   over log T and a golden-section search around its best point (`fit_temperature`).
+  One limit on it: a split the model gets all right has its likelihood rise as T falls
+  towards 0 (every score 1.0: certainty that 29 right answers out of 29 do not show). So
+  the mean top score may not pass (right + 1) / (rows + 2), Laplace's rule of succession,
+  the accuracy that `right` out of `rows` supports; T is raised until it does. Elsewhere
+  the likelihood's T already keeps the mean score near the accuracy, and this moves it
+  by less than 1/rows.
   Dividing by T keeps the order of a row's logits, so without test-time augmentation the
   labels, hence accuracy, are unchanged; with "flip" (the mean of two views' softmaxes) a
   near tie may go the other way.
@@ -34,9 +40,7 @@ from cnn.inference import softmax_views
 ECE_BINS = 15
 THRESHOLDS = tuple(round(k / 100, 2) for k in range(100))  # 0.00 .. 0.99
 SCORE_BINS = 10
-# The search's range for T. A validation split the model separates perfectly has its
-# likelihood rise as T falls towards 0, so the search stops at the lower bound there.
-MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0  # the search's range
 GRID_POINTS = 41  # log-spaced over the range, ~0.15 apart in log T
 GOLDEN_STEPS = 30  # each shrinks the bracket by 0.618: 0.3 in log T -> below 1e-6
 
@@ -47,14 +51,20 @@ def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float
     return float(-probs.gather(1, labels.view(-1, 1)).clamp_min(1e-12).log().mean())
 
 
+def mean_top_score(logits: torch.Tensor, temperature: float) -> float:
+    return float(softmax_views(logits, temperature).max(dim=1).values.mean())
+
+
 @torch.inference_mode()
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The T in [MIN_TEMPERATURE, MAX_TEMPERATURE] that minimises the validation NLL.
+    """The T in [MIN_TEMPERATURE, MAX_TEMPERATURE] that minimises the validation NLL,
+    raised if needed until the mean top score is at most (right + 1) / (rows + 2).
 
     A grid over log T first, so that a likelihood with more than one dip (possible with
     several views) still finds the deepest, then a golden-section search between the best
-    grid point's neighbours. Deterministic, no learning rate to tune, ~80 evaluations of
-    the softmax over the logits.
+    grid point's neighbours, then (only if the score passes the rule of succession) a
+    bisection up to where it meets it. Deterministic, no learning rate to tune, under 120
+    evaluations of the softmax over the logits.
     """
     logits, labels = logits.float(), labels.long()
     if logits.dim() == 2:  # one view
@@ -79,7 +89,16 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
             fb = nll(logits, labels, math.exp(b))
     u = (lo + hi) / 2
     # The grid point itself when the search did not beat it (a bound, or a flat minimum).
-    return float(math.exp(u if nll(logits, labels, math.exp(u)) <= losses[best] else grid[best]))
+    u = u if nll(logits, labels, math.exp(u)) <= losses[best] else float(grid[best])
+    right = int((softmax_views(logits, math.exp(u)).argmax(1) == labels).sum())
+    ceiling = (right + 1) / (len(labels) + 2)
+    if mean_top_score(logits, math.exp(u)) > ceiling:  # the top score falls as T rises
+        lo, hi = u, math.log(MAX_TEMPERATURE)
+        for _ in range(GOLDEN_STEPS + 10):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if mean_top_score(logits, math.exp(mid)) > ceiling else (lo, mid)
+        u = hi
+    return float(math.exp(u))
 
 
 def top_scores(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -106,6 +106,21 @@ def test_one_worker_learns_and_the_run_is_complete(flow_store):
     per_class = mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/per_class.json")
     assert set(per_class["classes"]) == set(CLASSES)
 
+    # Calibrated on validation: a temperature, the error before and after, the figure and
+    # the threshold table, all recorded in the model's contract too.
+    metrics = r.data.metrics
+    assert 0 < metrics["temperature"] and metrics["val_ece_after"] <= metrics["val_ece_before"] + 1e-9
+    assert {"reliability.png", "thresholds.json"} <= artifacts
+    thresholds = mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/thresholds.json")
+    assert thresholds["threshold"][0] == 0.0 and thresholds["coverage"][0] == 1.0
+    assert thresholds["precision"][0] == pytest.approx(per_class["accuracy"])  # every row kept: the accuracy
+    _, contract = flow.weights()
+    assert contract["temperature"] == pytest.approx(metrics["temperature"]) and contract["thresholds"] == thresholds
+    reference = contract["drift_reference"]
+    counts = manifest["counts"]
+    assert reference["class_counts"] == [counts["train"][c] for c in manifest["classes"]]
+    assert sum(reference["score_histogram"]) == sum(counts["val"].values())
+
     # Registered as --register-as, tagged; loadable as plain PyTorch and as pyfunc.
     version = client.get_model_version("stripes", "1")
     assert version.tags["run_id"] == r.info.run_id and version.tags["content_hash"] == content_hash

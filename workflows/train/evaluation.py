@@ -104,7 +104,7 @@ class Calibration:
     before: calibration.Reliability  # at T = 1
     after: calibration.Reliability  # at `temperature`
     thresholds: dict[str, list]  # cnn.calibration.threshold_table, calibrated scores
-    reference: dict[str, Any]  # training's class shares, validation's calibrated score histogram
+    reference: dict[str, Any]  # training's rows per class, validation's calibrated score histogram
 
     def contract(self) -> dict[str, Any]:
         """What the model's preprocessing.json records (workflows/tracking/pyfunc_model.py)."""
@@ -119,13 +119,9 @@ def calibrate(evaluation: Evaluation, manifest: dict[str, Any]) -> Calibration:
     calibrated = scored(labels, logits, temperature, evaluation.misclassified)
     plain = softmax_views(torch.from_numpy(logits), 1.0).numpy()
     scores, correct = calibration.top_scores(softmax_views(torch.from_numpy(logits), temperature).numpy(), labels)
-    train_counts = manifest["counts"][TRAIN]
-    total = sum(train_counts.values())
-    reference = {
-        "class_shares": [train_counts[c] / total for c in manifest["classes"]],
-        "class_rows": total,
+    reference = {  # rows per class of the training split, in the classes' order; rows per score bin
+        "class_counts": [int(manifest["counts"][TRAIN][c]) for c in manifest["classes"]],
         "score_histogram": calibration.score_histogram(scores),
-        "score_rows": len(scores),
     }
     return Calibration(
         temperature=temperature,
