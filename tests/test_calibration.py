@@ -136,26 +136,25 @@ def test_drift_tally_counts_scored_rows_and_warns_only_past_the_threshold_with_e
     classes = ["a", "b"]
     reference = {"class_counts": [50, 50], "score_histogram": [0] * 9 + [50]}
     like = DriftTally(2, 10)
-    for _ in range(15):  # half each class, confident; an error row in each batch
+    for _ in range(20):  # half each class, confident; an error row in each batch
         like.add(scored_rows([[0.99, 0.01], [0.02, 0.98], None]))
     report = like.report(reference, classes)
-    assert report["rows"] == 30 and report["classes"]["batch_shares"] == {"a": 0.5, "b": 0.5}
+    assert report["rows"] == 40 and report["classes"]["batch_shares"] == {"a": 0.5, "b": 0.5}
     assert report["classes"]["psi"] == pytest.approx(0) and report["scores"]["psi"] == pytest.approx(0)
     assert report["drifted"] == [] and warning_line(report) is None
 
     unlike = DriftTally(2, 10)
-    for _ in range(30):
+    for _ in range(40):
         unlike.add(scored_rows([[0.7, 0.3]]))  # one class only, less sure
     report = unlike.report(reference, classes)
     assert report["classes"]["psi"] > PSI_THRESHOLD and report["scores"]["psi"] > PSI_THRESHOLD
-    assert report["classes"]["enough_rows"] and not report["scores"]["enough_rows"]  # 30 rows: 10 per class, not per score bin
-    assert report["drifted"] == ["classes"]
+    assert report["drifted"] == ["classes", "scores"]  # 40 rows: 20 per bin either side fills
     line = warning_line(report)
-    assert line.startswith("drift: ") and "predicted classes" in line and "\n" not in line
+    assert line.startswith("drift: ") and "predicted classes" in line and "scores" in line and "\n" not in line
 
     few = DriftTally(2, 10)
-    few.add(scored_rows([[0.9, 0.1]] * 5))  # one class, but 5 rows: noise, no warning
-    assert few.report(reference, classes)["drifted"] == []
+    few.add(scored_rows([[0.7, 0.3]] * 39))  # the same, one row short: noise could do it
+    assert few.report(reference, classes)["drifted"] == [] and not few.report(reference, classes)["classes"]["enough_rows"]
     assert DriftTally(2, 10).report(reference, classes) is None  # nothing scored
     assert like.report(None, classes) is None  # a model without a reference
 

@@ -150,13 +150,13 @@ def test_min_score_leaves_the_rows_below_it_unsure_with_their_scores_and_resumes
 
 def test_drift_warns_on_a_one_class_batch_and_not_on_the_training_data(ray_local, registry, tmp_path, capfd):
     one = tmp_path / "one_class"
-    make_image_folder(one, classes=CLASSES[:1], per_class=40, size=(40, 56), seed=6)  # horizontal stripes only
+    make_image_folder(one, classes=CLASSES[:1], per_class=60, size=(40, 56), seed=6)  # horizontal stripes only
     assert predict(one, tmp_path / "one") == 0
     err = capfd.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("drift:")]
     assert len(warnings) == 1 and "predicted classes" in warnings[0], err
     drift = json.loads((tmp_path / "one" / "summary.json").read_text())["drift"]
-    assert drift["rows"] == 40 and drift["threshold"] == 0.2 and "classes" in drift["drifted"]
+    assert drift["rows"] == 60 and drift["threshold"] == 0.2 and "classes" in drift["drifted"]
     assert drift["classes"]["psi"] > 1 and drift["classes"]["batch_shares"]["horizontal"] == 1.0
 
     # The prep output itself: training's classes in training's shares, validation-like scores.
