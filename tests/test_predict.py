@@ -87,7 +87,8 @@ def test_predicts_right_label_one_row_per_file_and_error_rows(ray_local, registr
     assert "empty" in bad.loc["broken/empty.png", "error"]
 
     schema = pq.read_schema(next(out.glob("part-*.parquet")))
-    assert [f.name for f in schema] == ["path", "label", "score", "probabilities", "model_uri", "error", "scoring_run"]
+    assert [f.name for f in schema] == ["path", "label", "score", "probabilities", "model_uri", "error", "unsure", "scoring_run"]
+    assert rows["unsure"].isna().all()  # no --min-score: every scored row has its label
     assert schema.field("score").type == pa.float32()
     assert pa.types.is_list(schema.field("probabilities").type)
     assert schema.field("probabilities").type.value_type == pa.float32()
@@ -177,6 +178,59 @@ def test_pyfunc_model_gives_the_same_labels_as_the_batch_job(ray_local, registry
     pyfunc = mlflow.pyfunc.load_model(registry.uri).predict(frame)
     assert list(pyfunc["label"].fillna("<error>")) == list(rows["label"].fillna("<error>"))
     assert np.allclose(pyfunc["score"].dropna(), rows["score"].dropna(), atol=1e-5)
+
+
+def test_min_score_leaves_the_rows_below_it_unsure_with_their_scores_and_resumes(ray_local, registry, folder, tmp_path):
+    root, truth = folder
+    plain = tmp_path / "plain"
+    assert predict(root, plain) == 0
+    scored = read_output(plain).set_index("path").sort_index()
+    scores = np.sort(scored["score"].dropna().unique())
+    p = float((scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2)  # between two scores: half below
+
+    out = tmp_path / "unsure"
+    assert predict(root, out, min_score=p) == 0
+    rows = read_output(out).set_index("path").sort_index()
+    below = scored["score"] < p
+    assert 0 < below.sum() < len(truth)
+    unsure = rows[rows["unsure"].notna()]
+    assert sorted(unsure.index) == sorted(scored.index[below])  # exactly the rows below P
+    assert unsure["label"].isna().all() and unsure["error"].isna().all()
+    assert np.allclose(unsure["score"], scored.loc[unsure.index, "score"])  # scores and probabilities kept
+    assert all(len(pr) == len(CLASSES) for pr in unsure["probabilities"])
+    assert all(r.startswith("score 0.") and r.endswith(f"< min-score {p:g}") for r in unsure["unsure"])
+    sure = rows[rows["unsure"].isna() & rows["error"].isna()]
+    assert (sure["label"] == scored.loc[sure.index, "label"]).all() and (sure["score"] >= p).all()
+    assert rows.loc[sorted(BROKEN), "unsure"].isna().all()  # error rows: `error`, not `unsure`
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["unsure"], summary["errors"], summary["rows"]) == (below.sum(), 3, len(truth) + 3)
+    assert sum(summary["counts"].values()) == len(truth) - below.sum()  # unsure rows have no label to count
+    assert summary["this_run"]["min_score"] == p and summary["this_run"]["unsure"] == below.sum()
+
+    assert predict(root, out, min_score=p) == 0  # resumes: the unsure rows count as scored
+    again = json.loads((out / "summary.json").read_text())
+    assert again["this_run"]["rows"] == 0 and again["unsure"] == below.sum()
+    assert len(read_output(out)) == len(rows)
+
+
+def test_drift_warns_on_a_one_class_batch_and_not_on_the_training_data(ray_local, registry, tmp_path, capfd):
+    one = tmp_path / "one_class"
+    make_image_folder(one, classes=CLASSES[:1], per_class=60, size=(40, 56), seed=6)  # horizontal stripes only
+    assert predict(one, tmp_path / "one") == 0
+    err = capfd.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("drift:")]
+    assert len(warnings) == 1 and "predicted classes" in warnings[0], err
+    drift = json.loads((tmp_path / "one" / "summary.json").read_text())["drift"]
+    assert drift["rows"] == 60 and drift["threshold"] == 0.2 and "classes" in drift["drifted"]
+    assert drift["classes"]["psi"] > 1 and drift["classes"]["batch_shares"]["horizontal"] == 1.0
+
+    # The prep output itself: training's classes in training's shares, validation-like scores.
+    assert predict(registry.prepared, tmp_path / "same") == 0
+    assert "drift:" not in capfd.readouterr().err
+    drift = json.loads((tmp_path / "same" / "summary.json").read_text())["drift"]
+    assert drift["drifted"] == [] and drift["classes"]["enough_rows"] and drift["scores"]["enough_rows"]
+    assert drift["classes"]["psi"] < 0.05 and drift["scores"]["psi"] < 0.1, drift
 
 
 def test_resume_scores_only_the_rest_and_another_version_refuses(ray_local, registry, tmp_path):

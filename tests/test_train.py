@@ -117,6 +117,20 @@ def test_one_worker_learns_and_the_run_is_complete(flow_store):
         assert given.dataset.digest == content_hash[:36] and tags["content_hash"] == content_hash
         assert json.loads(given.dataset.source) == {"uri": str(flow.prepared / split)}
         assert given.dataset.source_type == "local" and tags["num_rows"] == str(manifest["num_rows"][split])
+    # Calibrated on validation: a temperature, the error before and after, the figure and
+    # the threshold table, all recorded in the model's contract too.
+    metrics = r.data.metrics
+    assert 0 < metrics["temperature"] and metrics["val_ece_after"] <= metrics["val_ece_before"] + 1e-9
+    assert {"reliability.png", "thresholds.json"} <= artifacts
+    thresholds = mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/thresholds.json")
+    assert thresholds["threshold"][0] == 0.0 and thresholds["coverage"][0] == 1.0
+    assert thresholds["precision"][0] == pytest.approx(per_class["accuracy"])  # every row kept: the accuracy
+    _, contract = flow.weights()
+    assert contract["temperature"] == pytest.approx(metrics["temperature"]) and contract["thresholds"] == thresholds
+    reference = contract["drift_reference"]
+    counts = manifest["counts"]
+    assert reference["class_counts"] == [counts["train"][c] for c in manifest["classes"]]
+    assert sum(reference["score_histogram"]) == sum(counts["val"].values())
 
     # Registered as --register-as, tagged; loadable as plain PyTorch and as pyfunc.
     version = client.get_model_version("stripes", "1")

@@ -206,6 +206,16 @@ class PredictConfig(ImageLimits, RayOptions):
         "MLflow experiment of the scoring runs: each predict job is a run there, linked to the "
         "model version (a tag on the version) and named in every row it writes.",
     )
+    min_score: float | None = option(
+        None,
+        "Leave `label` null, with the reason in `unsure`, for rows whose (calibrated) score is "
+        "below this, in (0, 1]; their score and probabilities are still written.",
+    )
+    target_precision: float | None = option(
+        None,
+        "Choose --min-score from the model's validation threshold table: the smallest "
+        "threshold whose validation precision is at least this, in (0, 1].",
+    )
 
     def __post_init__(self) -> None:
         RayOptions.__post_init__(self)
@@ -215,6 +225,13 @@ class PredictConfig(ImageLimits, RayOptions):
             check_range("batch_size", self.batch_size, 1, MAX_BATCH)
         # Each replica is a process holding the model: more than this only exhausts memory.
         check_range("workers", self.workers, 1, 256)
+        check(
+            self.min_score is None or self.target_precision is None,
+            "give --min-score or --target-precision, not both (the second picks the first)",
+        )
+        for name in ("min_score", "target_precision"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), 0, 1, low_open=True)
 
 
 @dataclass(kw_only=True)

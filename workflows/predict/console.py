@@ -19,6 +19,8 @@ def closing_screen(console: Console, summary: dict, output: str) -> None:
     table.add_column("rows", justify="right")
     for label, n in summary["counts"].items():  # class names came from folder names: text, not markup
         table.add_row(text(label), f"{n:,}")
+    if summary.get("unsure"):
+        table.add_row("[yellow]unsure[/yellow] (below --min-score)", f"{summary['unsure']:,}")
     table.add_row("[red]errors[/red]", f"{summary['errors']:,}")
     table.add_row("[bold]total[/bold]", f"{summary['rows']:,}")
     console.print(table)

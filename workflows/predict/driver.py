@@ -26,13 +26,20 @@ from data_prep.scan import PrepError
 from workflows.config import PredictConfig
 from workflows.errors import CnnflowError
 from workflows.predict.console import closing_screen
+from workflows.predict.drift import DriftTally, warning_line
 from workflows.predict.inputs import Inputs, find_inputs
 from workflows.predict.output import SUMMARY, Output, error_rows
 from workflows.predict.precision import check_cpu, check_sample
+from workflows.predict.unsure import MinScore, min_score
 from workflows.terminal import plain, progress_bar
 
 if TYPE_CHECKING:
     from workflows.tracking import ScoringRun
+
+
+# counts' key for unsure rows: never a class name (no file or folder name holds a NUL, and
+# Python's csv reader refuses one in a labels file)
+UNSURE = "\0unsure"
 
 
 def run(config: PredictConfig) -> int:
@@ -61,7 +68,7 @@ def _run(config: PredictConfig, output: Output, scoring: ScoringRun) -> int:
 
     console = Console(stderr=True)
     started = time.perf_counter()
-    counts: Counter[str | None] = Counter()  # rows per predicted label; errors under None
+    counts: Counter[str | None] = Counter()  # rows per predicted label; errors under None, unsure rows under UNSURE
     timing: dict[str, float] = {}  # start-up apart from the work, for summary.json
     extra: dict[str, Any] = {"precision": config.precision}
     # Ray's start-up is mostly waiting for its processes, and loading the job mostly this
@@ -80,23 +87,28 @@ def _run(config: PredictConfig, output: Output, scoring: ScoringRun) -> int:
                 f"with {plain(job.model_uri)}"
             )
             console.print(f"  scoring run {plain(run_url(scoring.run_id))} in experiment {plain(repr(config.experiment))}")
+            if job.min_score is not None and job.min_score.target_precision is not None:
+                console.print(job.min_score.line())
             if len(job.todo) and config.precision == "bf16" and not config.gpu:
                 limits = Limits.of(config.max_file_mb, config.max_megapixels)
                 checked = check_sample(job.classifier, job.inputs, job.todo, limits)
                 if checked:
                     console.print(checked.line())
                     extra["bf16_check"] = asdict(checked)
+            drift = DriftTally(len(job.classifier.classes), _score_bins(job.classifier.preprocessing))
             if len(job.todo):
-                score(config, job, console, counts, timing, started)
+                score(config, job, console, counts, timing, started, drift=drift)
     seconds = time.perf_counter() - started
 
     rows = sum(counts.values())
     this_run = {
         "rows": rows,
         "errors": counts[None],
+        "unsure": counts[UNSURE],
         "seconds": round(seconds, 3),
         "images_per_s": round(rows / seconds, 1) if rows else None,
         "already_scored": len(job.done),
+        "min_score": None if job.min_score is None else job.min_score.value,
         **{k: round(v, 3) for k, v in timing.items()},
         **extra,
     }
@@ -104,6 +116,8 @@ def _run(config: PredictConfig, output: Output, scoring: ScoringRun) -> int:
         classifier=job.classifier, model_uri=job.model_uri, input=config.input, skipped=job.inputs.skipped,
         this_run=this_run,
     )
+    # this run's rows against the model's training data (workflows/predict/drift.py)
+    summary["drift"] = drift.report(job.classifier.preprocessing.get("drift_reference"), job.classifier.classes)
     schema.write_json(schema.join(config.output, SUMMARY), summary)
     scoring.log_metrics(
         {
@@ -113,10 +127,16 @@ def _run(config: PredictConfig, output: Output, scoring: ScoringRun) -> int:
             "errors_this_run": counts[None],
             "images_per_s": this_run["images_per_s"],
             "seconds": this_run["seconds"],
+            "unsure": summary["unsure"],
+            # this batch against the training data (workflows/predict/drift.py)
+            **({"drift_class_psi": summary["drift"]["classes"]["psi"], "drift_score_psi": summary["drift"]["scores"]["psi"]}
+               if summary["drift"] else {}),
         }
     )
     scoring.log_dict(summary, SUMMARY)
     closing_screen(console, summary, config.output)
+    if warning := warning_line(summary["drift"]):
+        console.print(f"[yellow]{warning}[/yellow]")
     if summary["rows"] and summary["rows"] == summary["errors"]:
         console.print("[red]no file could be scored[/red]: every row is an error (see error_examples in summary.json)")
         scoring.fail("no file could be scored: every row is an error")
@@ -132,6 +152,7 @@ class Job:
     output: Output
     done: pa.Table  # rows earlier runs wrote into OUTPUT with this model
     todo: pa.Array  # paths left to score
+    min_score: MinScore | None = None  # rows scoring below it are unsure (--min-score, --target-precision)
 
 
 def load_job(config: PredictConfig, output: Output | None = None) -> Job:
@@ -144,14 +165,15 @@ def load_job(config: PredictConfig, output: Output | None = None) -> Job:
     classifier = load_classifier(model_uri)
     inputs = find_inputs(config.input, classifier.preprocessing)
     done = output.previous(model_uri, overwrite=config.overwrite)
+    unsure_below = min_score(config.min_score, config.target_precision, classifier.preprocessing, model_uri)
     output.claim()
     todo = inputs.paths.filter(pc.invert(pc.is_in(inputs.paths, value_set=done.column("path"))))
-    return Job(model_uri, classifier, inputs, output, done, todo)
+    return Job(model_uri, classifier, inputs, output, done, todo, unsure_below)
 
 
 def score(
     config: PredictConfig, job: Job, console: Console, counts: Counter[str | None], timing: dict[str, float],
-    started: float,
+    started: float, *, drift: DriftTally | None = None,
 ) -> None:  # fmt: skip
     """Run the pipeline over `job.todo`, writing part files and counting labels as rows come;
     `timing["first_row_s"]` is when the first scored rows reached the driver."""
@@ -169,7 +191,10 @@ def score(
             return
         from workflows.predict.pipeline import build_dataset  # imports Ray
 
-        dataset, plan = build_dataset(config, job.inputs, todo, job.classifier, scored=job.done.column("path"))
+        dataset, plan = build_dataset(
+            config, job.inputs, todo, job.classifier, scored=job.done.column("path"),
+            min_score=None if job.min_score is None else job.min_score.value,
+        )  # fmt: skip
         console.print(
             f"  {plan.replicas} model replica(s) x {plan.torch_threads} thread(s)"
             f"{' on GPU' if config.gpu else ''}, {plan.actor_cpus:g} CPU each in Ray's accounting"
@@ -180,11 +205,24 @@ def score(
                 timing.setdefault("first_row_s", time.perf_counter() - started)
                 job.output.add(batch)
                 counts.update(_tally(batch))
+                if drift is not None:
+                    drift.add(batch)
                 progress.advance(task, batch.num_rows)
     finally:  # rows scored before an interruption are kept: a rerun resumes after them
         job.output.close()
 
 
+def _score_bins(preprocessing: dict[str, Any]) -> int:
+    """The drift reference's score bins (10 when the model has none: nothing is compared)."""
+    reference = preprocessing.get("drift_reference") or {}
+    return len(reference.get("score_histogram", [])) or 10
+
+
 def _tally(batch: pa.Table) -> Counter[str | None]:
-    """Rows per predicted label; error rows count under None."""
-    return Counter({row["values"]: row["counts"] for row in pc.value_counts(batch.column("label")).to_pylist()})
+    """Rows per predicted label; error rows count under None, unsure rows (no label either) under UNSURE."""
+    counts = Counter({row["values"]: row["counts"] for row in pc.value_counts(batch.column("label")).to_pylist()})
+    unsure = batch.num_rows - batch.column("unsure").null_count
+    if unsure:
+        counts[None] -= unsure
+        counts[UNSURE] = unsure
+    return +counts  # without the keys left at 0

@@ -34,6 +34,9 @@ SCORED_SCHEMA = pa.schema(
         pa.field("probabilities", pa.list_(pa.float32())),
         pa.field("model_uri", pa.string(), nullable=False),
         pa.field("error", pa.string()),
+        # null, or why a scored row has no label (its score is below --min-score); its score
+        # and probabilities are still written
+        pa.field("unsure", pa.string()),
     ]
 )
 # The output table (docs/architecture.md, Formats): the scored rows and the MLflow run id of
@@ -131,11 +134,19 @@ class Output:
         ]  # fmt: skip
 
     def _read(self, path: str, columns: list[str]) -> pa.Table:
+        """The string columns of a part file; one that part files from older versions lack
+        (`unsure`) reads as nulls."""
         if path.endswith(".parquet"):
-            return pq.read_table(path, columns=columns, filesystem=self.fs)
+            present = set(pq.read_schema(path, filesystem=self.fs).names)
+            table = pq.read_table(path, columns=[c for c in columns if c in present], filesystem=self.fs)
+            for c in columns:
+                if c not in present:
+                    table = table.append_column(c, pa.nulls(table.num_rows, pa.string()))
+            return table.select(columns)
         with self.fs.open_input_stream(path) as src:
             convert = pacsv.ConvertOptions(  # an empty field is a null (label and error)
-                include_columns=columns, column_types={c: pa.string() for c in columns}, strings_can_be_null=True
+                include_columns=columns, column_types={c: pa.string() for c in columns}, strings_can_be_null=True,
+                include_missing_columns=True,
             )
             return pacsv.read_csv(src, convert_options=convert)
 
@@ -194,9 +205,10 @@ class Output:
     def summary(self, *, classifier: Any, model_uri: str, input: str, skipped: dict[str, int], this_run: dict) -> dict:
         """Totals over every part file in OUTPUT (earlier runs included) and this run's speed."""
         parts = [e.path for e in self._parts() if not e.base_name.startswith(".")]
-        tables = [self._read(p, ["path", "label", "error"]) for p in parts]
+        tables = [self._read(p, ["path", "label", "error", "unsure"]) for p in parts]
         labels = pa.chunked_array([t.column("label") for t in tables], pa.string()) if tables else pa.array([], pa.string())
         errors = pa.chunked_array([t.column("error") for t in tables], pa.string()) if tables else labels
+        unsure = pa.chunked_array([t.column("unsure") for t in tables], pa.string()) if tables else labels
         counts = {r["values"]: r["counts"] for r in pc.value_counts(pc.drop_null(labels)).to_pylist()}
         error_rows = len(errors) - errors.null_count
         examples: list[dict] = []  # the first few, so that summary.json shows what went wrong
@@ -206,6 +218,7 @@ class Output:
         return {
             "rows": len(labels),
             "errors": error_rows,
+            "unsure": len(unsure) - unsure.null_count,  # scored, but below --min-score: no label
             "counts": {c: counts.get(c, 0) for c in classifier.preprocessing["classes"]},
             "images_per_s": this_run["images_per_s"],
             "model_uri": model_uri,
@@ -240,6 +253,7 @@ def error_rows(paths: pa.Array, errors: list[str], model_uri: str) -> pa.Table:
             "probabilities": pa.nulls(n, pa.list_(pa.float32())),
             "model_uri": pa.array([model_uri] * n, pa.string()),
             "error": pa.array(errors, pa.string()),
+            "unsure": pa.nulls(n, pa.string()),
         },
         schema=SCORED_SCHEMA,
     )

@@ -167,9 +167,12 @@ def decode_chunks(n: int, replicas: int) -> list[tuple[int, int]]:
 # --- the dataset graph ------------------------------------------------------------------
 
 
-def build_dataset(config: PredictConfig, inputs: Inputs, todo: pa.Array, classifier: Any, *, scored: pa.Array):
+def build_dataset(
+    config: PredictConfig, inputs: Inputs, todo: pa.Array, classifier: Any, *, scored: pa.Array,
+    min_score: float | None = None,
+):  # fmt: skip
     """`todo` through the decode (or shard) stage and the Scorer pool, as one Ray Dataset of
-    output rows; with the pool's plan."""
+    output rows; with the pool's plan. Rows scoring below `min_score` are unsure."""
     import ray.data
 
     from cnn.models import model_state
@@ -212,6 +215,7 @@ def build_dataset(config: PredictConfig, inputs: Inputs, todo: pa.Array, classif
             "torch_threads": plan.torch_threads,
             "gpu": config.gpu,
             "precision": config.precision,
+            "min_score": min_score,
         },
     )
     # Decoding outruns a CNN on CPU several times over: uncapped, the decoded blocks would

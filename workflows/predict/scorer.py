@@ -1,9 +1,11 @@
 """The model stage of `cnnflow predict`: one `Scorer` per Ray actor, a model replica for the job.
 
 A replica is built once per actor from plain weights (sent once through the object
-store), scores decoded pixels with the model's normalisation and test-time augmentation
-(by default bf16 on a GPU that has it, float32 on CPU, as the pyfunc model), and passes rows that
-carry an error through unscored, so every input yields exactly one output row.
+store), scores decoded pixels with the model's normalisation, test-time augmentation and
+temperature (by default bf16 on a GPU that has it, float32 on CPU, as the pyfunc model), and passes rows that
+carry an error through unscored, so every input yields exactly one output row. With a
+minimum score (`--min-score`, or the one `--target-precision` picked), a row whose top
+score is below it keeps its score and probabilities but no label, and says why in `unsure`.
 """
 from __future__ import annotations
 
@@ -31,10 +33,17 @@ class Scorer:
         torch_threads: int,
         gpu: bool,
         precision: str,
+        min_score: float | None = None,
     ) -> None:
         import torch
 
-        from cnn.inference import class_probabilities, for_inference, mixed_probabilities, test_time_augmentation
+        from cnn.inference import (
+            class_probabilities,
+            fitted_temperature,
+            for_inference,
+            mixed_probabilities,
+            test_time_augmentation,
+        )
         from cnn.models import model_from_state
         from cnn.transforms import Normalize
 
@@ -54,6 +63,8 @@ class Scorer:
         self.size = int(preprocessing["image_size"])
         self.model_uri = model_uri
         self.tta = test_time_augmentation(preprocessing)  # as validation scored it
+        self.temperature = fitted_temperature(preprocessing)
+        self.min_score = min_score
         # By default bf16 on a GPU that has it; on CPU the pyfunc model's float32, so
         # scores match it, unless --precision bf16 (workflows/predict/precision.py).
         self.forward = mixed_probabilities if use_bf16(precision, gpu=gpu) else class_probabilities
@@ -63,7 +74,7 @@ class Scorer:
         torch = self.torch
         # uint8 goes to the device (4x less to copy than float); normalise there.
         x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-        return self.forward(self.model, self.normalize, x, tta=self.tta).cpu().numpy()
+        return self.forward(self.model, self.normalize, x, tta=self.tta, temperature=self.temperature).cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Stage rows (path, image, error) -> output rows; error rows pass through unscored."""
@@ -79,17 +90,24 @@ class Scorer:
         score[ok] = probs.max(axis=1)
         offsets = np.concatenate([[0], np.cumsum(np.where(ok, width, 0))]).astype(np.int32)
         missing = pa.array(~ok)
+        unsure = ok & (score < self.min_score) if self.min_score is not None else np.zeros(n, bool)
         return pa.Table.from_arrays(
             [
                 batch.column("path").combine_chunks(),
-                self.classes.take(pa.array(best, mask=~ok)),
+                self.classes.take(pa.array(best, mask=~ok | unsure)),
                 pa.array(score, pa.float32(), mask=~ok),
                 pa.ListArray.from_arrays(pa.array(offsets), pa.array(probs.reshape(-1), pa.float32()), mask=missing),
                 pa.repeat(self.model_uri, n).cast(pa.string()),
                 batch.column("error").combine_chunks(),
+                pa.array([unsure_reason(s, self.min_score) if u else None for s, u in zip(score.tolist(), unsure)], pa.string()),
             ],
             schema=SCORED_SCHEMA,
         )
+
+
+def unsure_reason(score: float, min_score: float) -> str:
+    """Why a scored row has no label: "score 0.41 < min-score 0.60"."""
+    return f"score {score:.4f} < min-score {min_score:g}"
 
 
 def torch_threads_here(requested: int) -> int:

@@ -6,7 +6,13 @@ A logged model holds two plain files and no pickled weights:
                         loadable with torch.load(weights_only=True)
     preprocessing.json  {"classes", "image_size", "resize", "mean", "std"} from the manifest,
                         and "tta", the test-time augmentation validation used ("none" when
-                        absent: models logged before it existed)
+                        absent: models logged before it existed); from calibration on the
+                        validation split (workflows/train/evaluation.py `calibrate`):
+                        "temperature" (every logit is divided by it; 1.0 when absent),
+                        "thresholds" (threshold -> coverage, precision: `--target-precision`)
+                        and "drift_reference" (training's class shares, validation's score
+                        histogram: workflows/predict/drift.py); models without them have no
+                        threshold table and no drift figures
 
 `ImageClassifier.predict` takes a DataFrame with an `image` column of encoded bytes (any
 format Pillow reads) and returns `label`, `score`, `probabilities` and `error` (null, or
@@ -30,7 +36,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from cnn.inference import class_probabilities, test_time_augmentation
+from cnn.inference import class_probabilities, fitted_temperature, test_time_augmentation
 from cnn.models import ModelSpec, model_from_state
 from cnn.transforms import Normalize
 from data_prep.decode import Limits, load_image
@@ -84,7 +90,10 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         probabilities: list[list[float] | None] = [None] * len(images)
         if good:
             pixels = torch.from_numpy(np.stack([images[i] for i in good]))
-            probs = class_probabilities(self.model, self.normalize, pixels, tta=test_time_augmentation(self.preprocessing))
+            probs = class_probabilities(
+                self.model, self.normalize, pixels,
+                tta=test_time_augmentation(self.preprocessing), temperature=fitted_temperature(self.preprocessing),
+            )  # fmt: skip
             best_score, best = probs.max(dim=1)
             for row, k, s, p in zip(good, best.tolist(), best_score.tolist(), probs.tolist()):
                 labels[row], scores[row], probabilities[row] = classes[k], s, p

@@ -29,7 +29,7 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
 from torch import nn
 
-from cnn.inference import class_probabilities, test_time_augmentation
+from cnn.inference import class_probabilities, fitted_temperature, test_time_augmentation
 from cnn.models import ModelSpec
 from data_prep.redact import redact_uri
 from workflows.config import CHAMPION_ALIAS
@@ -230,7 +230,7 @@ class Classifier:
 
     model: nn.Module  # eval mode, CPU
     spec: ModelSpec
-    preprocessing: dict[str, Any]  # classes, image_size, resize, mean, std
+    preprocessing: dict[str, Any]  # classes, image_size, resize, mean, std, tta, temperature, ...
     uri: str  # models:/NAME/VERSION
     name: str
     version: int
@@ -242,8 +242,9 @@ class Classifier:
     def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) on the model's device -> (N, classes) probabilities."""
         return class_probabilities(
-            self.model, normalizer(self.preprocessing).to(pixels.device), pixels, tta=test_time_augmentation(self.preprocessing)
-        )
+            self.model, normalizer(self.preprocessing).to(pixels.device), pixels,
+            tta=test_time_augmentation(self.preprocessing), temperature=fitted_temperature(self.preprocessing),
+        )  # fmt: skip
 
 
 def load_classifier(model_uri: str) -> Classifier:

@@ -2,7 +2,9 @@
 
 The manifest, the resolved options (config.yaml), the model's layer table, per-class
 precision/recall/f1, and three figures: the confusion matrix, the curves per epoch (read
-back from the run itself) and a grid of misclassified validation images.
+back from the run itself) and a grid of misclassified validation images. Then the
+calibration (`log_calibration`): the temperature and the expected calibration error
+before and after it as metrics, the reliability diagram, and the threshold table.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from cnn.summary import summarize
 from data_prep.schema import VAL
 from data_prep.shard_reader import iter_batches, to_pixels
 from workflows import tracking
-from workflows.train.evaluation import Evaluation
+from workflows.train.evaluation import Calibration, Evaluation
 from workflows.train.plan import Plan, resolved_options
 
 
@@ -49,6 +51,42 @@ def log_artifacts(p: Plan, run_id: str, model: torch.nn.Module, evaluation: Eval
     tracking.log_figure(run_id, curves_figure(run_id), "curves.png")
     if evaluation.misclassified:
         tracking.log_figure(run_id, misclassified_figure(evaluation, classes), "misclassified.png")
+
+
+def log_calibration(run_id: str, calibration: Calibration) -> None:
+    """Metrics `temperature`, `val_ece_before`, `val_ece_after`; reliability.png; thresholds.json."""
+    tracking.log_metrics(
+        run_id,
+        {"temperature": calibration.temperature, "val_ece_before": calibration.before.ece, "val_ece_after": calibration.after.ece},
+    )
+    tracking.log_figure(run_id, reliability_figure(calibration), "reliability.png")
+    tracking.log_dict(run_id, calibration.thresholds, "thresholds.json")
+
+
+def reliability_figure(calibration: Calibration) -> Figure:
+    """Accuracy against mean score per score bin, at T = 1 and at the fitted T, with the
+    diagonal a calibrated model follows and each bin's share of the rows below."""
+    fig = Figure(figsize=(5, 6))
+    top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    edges = calibration.after.edges
+    centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+    top.plot([0, 1], [0, 1], color="grey", linestyle="--", label="calibrated")
+    for name, r, colour in (
+        (f"T = 1, ECE {calibration.before.ece:.3f}", calibration.before, "tab:red"),
+        (f"T = {calibration.temperature:.3g}, ECE {calibration.after.ece:.3f}", calibration.after, "tab:blue"),
+    ):
+        full = r.rows > 0
+        top.plot(r.confidence[full], r.accuracy[full], marker="o", color=colour, label=name)
+        bottom.bar(centres, r.rows / max(1, r.rows.sum()), width=width, alpha=0.4, color=colour)
+    top.set_ylabel("accuracy")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1.02)
+    top.set_title("validation: reliability")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.set_xlabel("top score (mean per bin)")
+    bottom.set_ylabel("share of rows")
+    fig.tight_layout()
+    return fig
 
 
 def curves_figure(run_id: str) -> Figure:

@@ -3,9 +3,10 @@
 After `plan`, the driver creates the MLflow run, then runs a `TorchTrainer` over Ray
 Datasets read from the shards (`loop.py` is the per-worker side). After the fit it takes
 the best validation epoch's weights (Ray Train keeps that checkpoint and the latest),
-evaluates them on the whole validation split, logs the artifacts and the model,
-registers a new version and, with --promote, moves `champion` if earned. The shards are
-the run's MLflow dataset inputs (workflows/tracking/lineage.py). `cnnflow tune`
+evaluates them on the whole validation split, fits them a temperature there (their
+scores' calibration), logs the artifacts and the model, registers a new version and,
+with --promote, moves `champion` if earned. The shards are the run's MLflow dataset
+inputs (workflows/tracking/lineage.py). `cnnflow tune`
 runs the same `train_and_log` once per trial and registers only the best.
 """
 from __future__ import annotations
@@ -28,8 +29,8 @@ from workflows.errors import CnnflowError
 from workflows.promote import promote
 from workflows.ray_runtime import ray_session
 from workflows.tracking.pyfunc_model import preprocessing_from_manifest
-from workflows.train.artifacts import example_image, log_artifacts
-from workflows.train.evaluation import Evaluation, evaluate
+from workflows.train.artifacts import example_image, log_artifacts, log_calibration
+from workflows.train.evaluation import Evaluation, calibrate, evaluate
 from workflows.train.loop import CHECKPOINT_FILE, PID_FILE_ENV, LoopConfig, train_loop
 from workflows.train.plan import BEST_METRIC, Plan, cpus_per_node, plan, resolved_options, run_tags, scaling_for
 from workflows.train.progress import EpochLines
@@ -91,9 +92,14 @@ def train_and_log(
     model, spec = model_from_state(state["model"])
     preprocessing = preprocessing_from_manifest(p.manifest, tta=p.tta)
     device = "cuda" if p.config.gpu and torch.cuda.is_available() else "cpu"
-    evaluation = evaluate(model.eval(), preprocessing, p.data, device=device)
+    # Scored at T = 1, then a temperature fitted on the same logits; the model's contract
+    # records it, and what the run logs and registers is the calibrated evaluation.
+    calibration = calibrate(evaluate(model.eval(), preprocessing, p.data, device=device), p.manifest)
+    evaluation = calibration.calibrated
+    preprocessing.update(calibration.contract())
     tracking.set_tags(run_id, {"best_epoch": state["epoch"]})
     log_artifacts(p, run_id, model, evaluation)
+    log_calibration(run_id, calibration)
     model_uri = tracking.log_model(
         run_id, state=state["model"], preprocessing=preprocessing, example_image=example_image(p)
     )
