@@ -84,29 +84,50 @@ def _both_sides(output: str, total: ChunkResult, *, num_classes: int, seed: int)
 
 
 def _move_rows(output: str, moves: dict[str, tuple[str, str]], total: ChunkResult) -> None:
-    """Move the rows of `moves`' paths to their new split, shard by shard."""
-    fs, _ = resolve(output)
+    """Move the rows of `moves`' paths to their new split: one Ray task per shard of the
+    splits they leave (a shard with none of them is only read for its paths)."""
+    import ray
+
     leaving: dict[str, set[str]] = defaultdict(set)
     for path, (src, _dst) in moves.items():
         leaving[src].add(path)
-    sources = {src: shard_files(output, src)[1] for src in leaving}  # listed before any moved- shard exists
+    task = ray.remote(num_cpus=1)(split_shard)
+    pending = []
     for src, paths in leaving.items():
-        dst = VAL if src == TRAIN else TRAIN
-        wanted = pa.array(sorted(paths), pa.string())
-        for shard in sources[src]:
-            _split_shard(fs, shard, wanted, src=src, dst=dst, total=total)
+        wanted = ray.put(pa.array(sorted(paths), pa.string()))
+        for shard in shard_files(output, src)[1]:  # listed before any moved- shard exists
+            pending.append(task.remote(output, src, shard.rsplit("/", 1)[1], wanted))
+    for moved in ray.get(pending):
+        if moved is None:
+            continue
+        name, src, dst, kept_rows, moved_rows, delta = moved
+        total.counts.update(delta.counts)  # update adds, negative counts included
+        total.digest = (total.digest + delta.digest) % DIGEST_MODULUS
+        total.histogram += delta.histogram
+        uri = join(output, src, name)
+        total.shards[join(output, dst, moved_name(name))] = moved_rows
+        if kept_rows:
+            total.shards[uri] = kept_rows
+        else:
+            del total.shards[uri]
 
 
-def _split_shard(fs: Any, shard: str, wanted: pa.Array, *, src: str, dst: str, total: ChunkResult) -> None:
-    """Stream `shard`: rows whose path is in `wanted` go to DST/moved-<name>, the others
-    into a copy that then replaces the shard (or the shard goes, if none stay)."""
+def split_shard(
+    output: str, src: str, name: str, wanted: pa.Array
+) -> tuple[str, str, str, int, int, ChunkResult] | None:
+    """Stream OUTPUT/SRC/NAME: rows whose path is in `wanted` go to DST/moved-NAME (DST the
+    other split), the others into a copy that then replaces the shard (or the shard goes,
+    if none stay). Returns (name, src, dst, rows kept, rows moved, what the move changes in
+    the counts, digest and train's pixel histogram), or None when no row of it moves."""
+    fs, root = resolve(output)
+    shard = join(root, src, name)
     if not pc.any(pc.is_in(pq.read_table(shard, columns=["path"], filesystem=fs)["path"], value_set=wanted)).as_py():
-        return
-    folder, name = shard.rsplit("/", 1)
-    kept_path = join(folder, temp_name(name))
-    moved_path = join(folder.rsplit("/", 1)[0], dst, moved_name(name))
+        return None
+    dst = VAL if src == TRAIN else TRAIN
+    kept_path = join(root, src, temp_name(name))
     kept = pq.ParquetWriter(kept_path, SHARD_SCHEMA, filesystem=fs, compression=COMPRESSION)
-    moved = pq.ParquetWriter(moved_path, SHARD_SCHEMA, filesystem=fs, compression=COMPRESSION)
+    moved = pq.ParquetWriter(join(root, dst, moved_name(name)), SHARD_SCHEMA, filesystem=fs, compression=COMPRESSION)
+    delta = ChunkResult()
     n_kept = n_moved = 0
     with fs.open_input_file(shard) as source:
         reader = pq.ParquetFile(source)
@@ -118,29 +139,26 @@ def _split_shard(fs: Any, shard: str, wanted: pa.Array, *, src: str, dst: str, t
                 kept.write_table(stay, row_group_size=stay.num_rows)
             if go.num_rows:
                 moved.write_table(go, row_group_size=go.num_rows)
-                _account(go, src=src, dst=dst, total=total)
+                _account(go, src=src, dst=dst, delta=delta)
             n_kept, n_moved = n_kept + stay.num_rows, n_moved + go.num_rows
     kept.close()
     moved.close()
-    uri = next(u for u in total.shards if u.endswith(f"/{src}/{name}"))
-    total.shards[uri.replace(f"/{src}/{name}", f"/{dst}/{moved_name(name)}")] = n_moved
     if n_kept:
         fs.move(kept_path, shard)
-        total.shards[uri] = n_kept
     else:
         fs.delete_file(kept_path)
         fs.delete_file(shard)
-        del total.shards[uri]
+    return name, src, dst, n_kept, n_moved, delta
 
 
-def _account(rows: pa.Table, *, src: str, dst: str, total: ChunkResult) -> None:
-    """Counts, digest and train's pixel statistics follow the rows from SRC to DST."""
+def _account(rows: pa.Table, *, src: str, dst: str, delta: ChunkResult) -> None:
+    """What moving `rows` from SRC to DST changes: counts, digest, train's pixel histogram."""
     labels, paths, shas = rows["label"].to_pylist(), rows["path"].to_pylist(), rows["sha256"].to_pylist()
     for path, label, sha in zip(paths, labels, shas):
-        total.counts[src, label] -= 1
-        total.counts[dst, label] += 1
-        total.digest = (total.digest - file_digest(path, src, label, sha) + file_digest(path, dst, label, sha)) % DIGEST_MODULUS
+        delta.counts[src, label] -= 1
+        delta.counts[dst, label] += 1
+        delta.digest = (delta.digest - file_digest(path, src, label, sha) + file_digest(path, dst, label, sha)) % DIGEST_MODULUS
     pixels = to_pixels(rows["image"]).reshape(-1, 3)
     sign = 1 if dst == TRAIN else -1  # the statistics are train's
     for c in range(3):
-        total.histogram[c] += sign * np.bincount(pixels[:, c], minlength=256)
+        delta.histogram[c] += sign * np.bincount(pixels[:, c], minlength=256)

@@ -152,6 +152,8 @@ def test_a_near_copy_in_the_other_split_is_kept_with_its_original_unless_told_to
     assert together["counts"]["written"] == 17  # moved, not lost or doubled
     shard_rows = [r for split in ("train", "val") for r in _rows(tmp_path / "together", split)]
     assert sorted(r["path"] for r in shard_rows) == sorted(p.relative_to(src).as_posix() for p in src.rglob("*.*"))
+    for split in ("train", "val"):  # the counts followed the moved rows
+        assert manifest["num_rows"][split] == sum(r["split"] == split for r in shard_rows)
     where = {r["path"]: r["split"] for r in shard_rows}
     assert where["a/copy_of_3.jpg"] == where["a/img_3.png"] == group["files"][0]["split"]
 
