@@ -28,6 +28,7 @@ from data_prep.schema import SHARD_SCHEMA, TRAIN, VAL, content_split, join, reso
 from data_prep.shard_reader import iter_batches, shard_files, to_pixels
 from data_prep.shards import COMPRESSION, DIGEST_MODULUS, ChunkResult, file_digest
 
+
 def moved_name(shard: str) -> str:
     return MOVED_PREFIX + shard  # named in prep's marker beforehand (prep_output.shard_files)
 
