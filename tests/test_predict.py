@@ -87,8 +87,12 @@ def test_predicts_right_label_one_row_per_file_and_error_rows(ray_local, registr
     assert "empty" in bad.loc["broken/empty.png", "error"]
 
     schema = pq.read_schema(next(out.glob("part-*.parquet")))
-    assert [f.name for f in schema] == ["path", "label", "score", "probabilities", "model_uri", "error", "unsure", "scoring_run"]
+    assert [f.name for f in schema] == [
+        "path", "label", "score", "probabilities", "model_uri", "error", "unsure", "seen_in_training", "seen_distance",
+        "embedding", "scoring_run",
+    ]  # fmt: skip
     assert rows["unsure"].isna().all()  # no --min-score: every scored row has its label
+    assert rows["embedding"].isna().all()  # no --embeddings: the column is there, null
     assert schema.field("score").type == pa.float32()
     assert pa.types.is_list(schema.field("probabilities").type)
     assert schema.field("probabilities").type.value_type == pa.float32()
@@ -178,6 +182,34 @@ def test_pyfunc_model_gives_the_same_labels_as_the_batch_job(ray_local, registry
     pyfunc = mlflow.pyfunc.load_model(registry.uri).predict(frame)
     assert list(pyfunc["label"].fillna("<error>")) == list(rows["label"].fillna("<error>"))
     assert np.allclose(pyfunc["score"].dropna(), rows["score"].dropna(), atol=1e-5)
+
+
+def test_embeddings_have_the_models_feature_width_and_are_the_same_in_two_runs(ray_local, registry, folder, tmp_path):
+    from cnn.models import model_from_state, split_head
+
+    root, truth = folder
+    state, _ = registry.weights()
+    width = split_head(model_from_state(state)[0]).feature_width  # what the model's final Linear takes
+    runs = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        assert predict(root, out, embeddings=True, batch_size=16) == 0
+        runs.append(read_output(out).set_index("path").sort_index())
+    first, second = runs
+    good = ~first.index.isin(BROKEN)
+    schema = pq.read_schema(next((tmp_path / "run0").glob("part-*.parquet")))
+    assert schema.field("embedding").type == pa.list_(pa.float32())
+    assert {len(e) for e in first.loc[good, "embedding"]} == {width}
+    assert first.loc[~good, "embedding"].isna().all()  # error rows have none
+    a, b = np.stack(first.loc[good, "embedding"]), np.stack(second.loc[good, "embedding"])
+    assert np.isfinite(a).all() and a.std() > 0
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # same input, same model: the same vectors
+    # the embeddings' pass gives the labels and scores of a pass without them
+    plain = tmp_path / "plain"
+    assert predict(root, plain, batch_size=16) == 0
+    without = read_output(plain).set_index("path").sort_index()
+    assert (without["label"].fillna("-") == first["label"].fillna("-")).all()
+    assert np.allclose(without.loc[good, "score"], first.loc[good, "score"], atol=1e-6)
 
 
 def test_min_score_leaves_the_rows_below_it_unsure_with_their_scores_and_resumes(ray_local, registry, folder, tmp_path):

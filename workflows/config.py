@@ -216,6 +216,11 @@ class PredictConfig(ImageLimits, RayOptions):
         "Choose --min-score from the model's validation threshold table: the smallest "
         "threshold whose validation precision is at least this, in (0, 1].",
     )
+    embeddings: bool = option(
+        False,
+        "Also write each row's penultimate features (what the model's final Linear takes) as "
+        "`embedding`, list<float32>, from the same forward pass (with tta flip: the plain view's).",
+    )
 
     def __post_init__(self) -> None:
         RayOptions.__post_init__(self)

@@ -37,6 +37,15 @@ SCORED_SCHEMA = pa.schema(
         # null, or why a scored row has no label (its score is below --min-score); its score
         # and probabilities are still written
         pa.field("unsure", pa.string()),
+        # the closest training image (its path relative to the training data's INPUT) whose
+        # perceptual hash is within the model's near_duplicate_distance of this row's, and
+        # how many of the 64 bits differ (0: the same pixels, to the hash); null when none is
+        # that close, on error rows, and for a model logged without its training hashes
+        pa.field("seen_in_training", pa.string()),
+        pa.field("seen_distance", pa.int32()),
+        # --embeddings: the penultimate features (what the model's final Linear takes), float32;
+        # null without --embeddings and on error rows (one schema whatever the options)
+        pa.field("embedding", pa.list_(pa.float32())),
     ]
 )
 # The output table (docs/architecture.md, Formats): the scored rows and the MLflow run id of
@@ -236,24 +245,19 @@ class Output:
 
 
 def _csv_ready(table: pa.Table) -> pa.Table:
-    probs = table.column("probabilities").to_pylist()
-    text = ["[" + ",".join(f"{p:.6g}" for p in row) + "]" if row is not None else None for row in probs]
-    index = table.schema.get_field_index("probabilities")
-    return table.set_column(index, "probabilities", pa.array(text, pa.string()))
+    """CSV has no lists: each list column (probabilities, embedding) as a JSON-style array per row."""
+    for index, field in enumerate(table.schema):
+        if pa.types.is_list(field.type):
+            rows = table.column(index).to_pylist()
+            text = ["[" + ",".join(f"{p:.6g}" for p in row) + "]" if row is not None else None for row in rows]
+            table = table.set_column(index, field.name, pa.array(text, pa.string()))
+    return table
 
 
 def error_rows(paths: pa.Array, errors: list[str], model_uri: str) -> pa.Table:
-    """Output rows for files that could not be scored: label, score and probabilities null."""
+    """Output rows for files that could not be scored: every column but path, model_uri and error null."""
     n = len(paths)
-    return pa.table(
-        {
-            "path": paths,
-            "label": pa.nulls(n, pa.string()),
-            "score": pa.nulls(n, pa.float32()),
-            "probabilities": pa.nulls(n, pa.list_(pa.float32())),
-            "model_uri": pa.array([model_uri] * n, pa.string()),
-            "error": pa.array(errors, pa.string()),
-            "unsure": pa.nulls(n, pa.string()),
-        },
-        schema=SCORED_SCHEMA,
+    given = {"path": paths, "model_uri": pa.array([model_uri] * n, pa.string()), "error": pa.array(errors, pa.string())}
+    return pa.Table.from_arrays(
+        [given.get(f.name, pa.nulls(n, f.type)) for f in SCORED_SCHEMA], schema=SCORED_SCHEMA
     )

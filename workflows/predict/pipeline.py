@@ -216,6 +216,7 @@ def build_dataset(
             "gpu": config.gpu,
             "precision": config.precision,
             "min_score": min_score,
+            "embeddings": config.embeddings,
         },
     )
     # Decoding outruns a CNN on CPU several times over: uncapped, the decoded blocks would
