@@ -161,3 +161,22 @@ def _rows(out: Path, split: str) -> list[dict]:
 
     return [dict(r, split=split) for f in sorted((out / split).glob("*.parquet"))
             for r in pq.read_table(f, columns=["path"]).to_pylist()]  # fmt: skip
+
+
+@pytest.mark.parametrize("max_pairs", [1 << 22, 5])
+def test_nearest_index_finds_what_brute_force_finds(monkeypatch, max_pairs) -> None:
+    import data_prep.near_duplicates as near
+
+    monkeypatch.setattr(near, "MAX_PAIRS", max_pairs)  # small: the queries go in many runs
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 2**63, size=3000, dtype=np.int64).astype(np.uint64) * np.uint64(2)
+    train[:40] = train[0]  # one hash many times: a big bucket, ties go to the lowest index
+    flips = [np.bitwise_or.reduce(np.uint64(1) << rng.choice(64, size=k, replace=False).astype(np.uint64)) for k in range(1, 9)]
+    queries = np.concatenate([train[40:240:25] ^ np.array(flips, np.uint64), train[20:50], rng.integers(0, 2**63, size=50, dtype=np.int64).astype(np.uint64)])
+    index, bits = near.NearestIndex(train, 6).nearest(queries)
+    apart = hamming(queries[:, None], train[None, :])  # brute force
+    want = np.where(apart.min(1) <= 6, apart.argmin(1), -1)
+    assert (index == want).all() and (bits == np.where(want >= 0, apart.min(1), -1)).all()
+    assert (index[:6] == [40, 65, 90, 115, 140, 165]).all() and (index[6:8] == -1).all()  # 1..6 bits found, 7 and 8 not
+    empty = near.NearestIndex(np.zeros(0, np.uint64), 6).nearest(queries[:3])
+    assert (empty[0] == -1).all() and (empty[1] == -1).all()

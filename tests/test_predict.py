@@ -212,6 +212,68 @@ def test_embeddings_have_the_models_feature_width_and_are_the_same_in_two_runs(r
     assert np.allclose(without.loc[good, "score"], first.loc[good, "score"], atol=1e-6)
 
 
+def test_a_copy_of_a_training_image_names_it_and_other_images_name_none(ray_local, registry, tmp_path):
+    import io
+    import shutil
+
+    from PIL import Image
+
+    from data_prep.decode import Limits
+    from data_prep.decode import load_image
+    from data_prep.phash import from_signed, hamming, phash_batch
+    from data_prep.shard_reader import read_table
+    from tests.test_near_duplicates import smooth_picture
+
+    _, preprocessing = registry.weights()
+    distance = preprocessing["near_duplicate_distance"]
+    assert distance == 6  # the prep's default, recorded with the model
+    images = registry.prepared.parent / "train_images"  # the fixture's prep INPUT
+    train = read_table(str(registry.prepared), "train", columns=["path", "phash"]).to_pandas()
+    val = read_table(str(registry.prepared), "val", columns=["path"]).to_pandas()
+    hashes = from_signed(train["phash"].to_numpy())
+    apart = hamming(hashes[:, None], hashes[None, :]) + 64 * np.eye(len(hashes), dtype=np.int64)
+    limits = Limits.of(100.0, 50.0)
+
+    def near_copy(path: Path) -> bytes:
+        """The picture twice as large, saved again as JPEG."""
+        img = Image.open(path).convert("RGB")
+        buf = io.BytesIO()
+        img.resize((img.width * 2, img.height * 2), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+        return buf.getvalue()
+
+    # A training image that no other training image is near, whose near copy hashes within
+    # the distance of it (a stripe picture at 32 px moves 2-12 bits when re-encoded).
+    for i in np.flatnonzero(apart.min(1) > 2 * distance):
+        copy = near_copy(images / train["path"][i])
+        pixels = load_image(copy, size=preprocessing["image_size"], resize=preprocessing["resize"], limits=limits)
+        bits = int(hamming(phash_batch(pixels.decoded.pixels[None])[0], hashes[i])[0])
+        if 0 < bits <= distance:
+            break
+    else:
+        pytest.fail("no training image with a near copy within the distance")
+    original = train["path"][i]
+    root = tmp_path / "images"
+    (root / "elsewhere").mkdir(parents=True)
+    shutil.copy(images / original, root / "elsewhere" / f"renamed{Path(original).suffix}")  # the same bytes
+    (root / "near.jpg").write_bytes(near_copy(images / original))
+    shutil.copy(images / val["path"][0], root / f"validation{Path(val['path'][0]).suffix}")  # not a training image
+    Image.fromarray(smooth_picture(0)).save(root / "unrelated.png")
+    (root / "broken.png").write_bytes(b"")
+    out = tmp_path / "preds"
+    assert predict(root, out) == 0
+
+    rows = read_output(out).set_index("path")
+    copied = f"elsewhere/renamed{Path(original).suffix}"
+    assert (rows.loc[copied, "seen_in_training"], rows.loc[copied, "seen_distance"]) == (original, 0)
+    assert (rows.loc["near.jpg", "seen_in_training"], rows.loc["near.jpg", "seen_distance"]) == (original, bits)
+    others = rows.drop(index=[copied, "near.jpg"])
+    assert others["seen_in_training"].isna().all() and others["seen_distance"].isna().all(), others
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seen_in_training"] == 2
+    schema = pq.read_schema(next(out.glob("part-*.parquet")))
+    assert (schema.field("seen_in_training").type, schema.field("seen_distance").type) == (pa.string(), pa.int32())
+
+
 def test_min_score_leaves_the_rows_below_it_unsure_with_their_scores_and_resumes(ray_local, registry, folder, tmp_path):
     root, truth = folder
     plain = tmp_path / "plain"
@@ -369,6 +431,13 @@ def test_prep_output_is_scored_from_its_shards(ray_local, registry, tmp_path):
     assert sorted(rows["path"]) == sorted(truth) and rows["error"].isna().all()
     accuracy = (rows["label"] == rows["path"].map(truth)).mean()
     assert accuracy >= 0.9, rows[["path", "label", "score"]]
+    # predict hashes the pixels as prep did: every training row finds itself, 0 bits away,
+    # and no validation row is near a training one (near-duplicate groups share a split)
+    train = set(pd.read_parquet(registry.prepared / "train", columns=["path"])["path"])
+    trained = rows["path"].isin(train)
+    assert (rows.loc[trained, "seen_in_training"] == rows.loc[trained, "path"]).all()
+    assert (rows.loc[trained, "seen_distance"] == 0).all() and rows.loc[~trained, "seen_in_training"].isna().all()
+    assert json.loads((out / "summary.json").read_text())["seen_in_training"] == len(train)
     predict(registry.prepared, out)  # resumes: nothing left to score
     assert json.loads((out / "summary.json").read_text())["this_run"]["rows"] == 0
 

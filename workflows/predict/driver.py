@@ -128,6 +128,7 @@ def _run(config: PredictConfig, output: Output, scoring: ScoringRun) -> int:
             "images_per_s": this_run["images_per_s"],
             "seconds": this_run["seconds"],
             "unsure": summary["unsure"],
+            **({"seen_in_training": summary["seen_in_training"]} if summary["seen_in_training"] is not None else {}),
             # this batch against the training data (workflows/predict/drift.py)
             **({"drift_class_psi": summary["drift"]["classes"]["psi"], "drift_score_psi": summary["drift"]["scores"]["psi"]}
                if summary["drift"] else {}),

@@ -144,7 +144,7 @@ class Output:
 
     def _read(self, path: str, columns: list[str]) -> pa.Table:
         """The string columns of a part file; one that part files from older versions lack
-        (`unsure`) reads as nulls."""
+        (`unsure`, `seen_in_training`) reads as nulls."""
         if path.endswith(".parquet"):
             present = set(pq.read_schema(path, filesystem=self.fs).names)
             table = pq.read_table(path, columns=[c for c in columns if c in present], filesystem=self.fs)
@@ -214,10 +214,11 @@ class Output:
     def summary(self, *, classifier: Any, model_uri: str, input: str, skipped: dict[str, int], this_run: dict) -> dict:
         """Totals over every part file in OUTPUT (earlier runs included) and this run's speed."""
         parts = [e.path for e in self._parts() if not e.base_name.startswith(".")]
-        tables = [self._read(p, ["path", "label", "error", "unsure"]) for p in parts]
+        tables = [self._read(p, ["path", "label", "error", "unsure", "seen_in_training"]) for p in parts]
         labels = pa.chunked_array([t.column("label") for t in tables], pa.string()) if tables else pa.array([], pa.string())
         errors = pa.chunked_array([t.column("error") for t in tables], pa.string()) if tables else labels
         unsure = pa.chunked_array([t.column("unsure") for t in tables], pa.string()) if tables else labels
+        seen = pa.chunked_array([t.column("seen_in_training") for t in tables], pa.string()) if tables else labels
         counts = {r["values"]: r["counts"] for r in pc.value_counts(pc.drop_null(labels)).to_pylist()}
         error_rows = len(errors) - errors.null_count
         examples: list[dict] = []  # the first few, so that summary.json shows what went wrong
@@ -228,6 +229,8 @@ class Output:
             "rows": len(labels),
             "errors": error_rows,
             "unsure": len(unsure) - unsure.null_count,  # scored, but below --min-score: no label
+            # rows that are near-copies of a training image; null: the model has no training hashes
+            "seen_in_training": len(seen) - seen.null_count if getattr(classifier, "train_hashes", None) is not None else None,
             "counts": {c: counts.get(c, 0) for c in classifier.preprocessing["classes"]},
             "images_per_s": this_run["images_per_s"],
             "model_uri": model_uri,

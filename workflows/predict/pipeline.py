@@ -201,6 +201,8 @@ def build_dataset(
             },
         )
     state = ray.put(model_state(classifier.model, classifier.spec))
+    # the training images' hashes, for seen_in_training (None: the model was logged without them)
+    hashes = None if classifier.train_hashes is None else ray.put(classifier.train_hashes)
     ds = ds.map_batches(
         Scorer,
         batch_size=config.batch_size or (GPU_BATCH if config.gpu else CPU_BATCH),
@@ -217,6 +219,7 @@ def build_dataset(
             "precision": config.precision,
             "min_score": min_score,
             "embeddings": config.embeddings,
+            "train_hashes": hashes,
         },
     )
     # Decoding outruns a CNN on CPU several times over: uncapped, the decoded blocks would

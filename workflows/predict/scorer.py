@@ -8,6 +8,10 @@ minimum score (`--min-score`, or the one `--target-precision` picked), a row who
 score is below it keeps its score and probabilities but no label, and says why in `unsure`.
 With `embeddings`, the same forward pass also gives each row's penultimate features
 (`cnn.inference.scored` on the fused model split at its head), float32 whatever the precision.
+A model logged with its training split's perceptual hashes gets each row's hash taken
+of the very pixels the model scores (prep hashed the pixels it wrote, the same function
+at the same size) and looked up among them (`NearestIndex`, built once per replica):
+`seen_in_training` names the closest training image within the model's distance.
 """
 from __future__ import annotations
 
@@ -19,6 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from data_prep.near_duplicates import NearestIndex
+from data_prep.options import DEFAULT_NEAR_DUPLICATE_DISTANCE
+from data_prep.phash import from_signed, phash_batch
 from data_prep.shard_reader import to_pixels
 from workflows.predict.output import SCORED_SCHEMA
 from workflows.predict.precision import use_bf16
@@ -37,6 +44,7 @@ class Scorer:
         precision: str,
         min_score: float | None = None,
         embeddings: bool = False,
+        train_hashes: Any = None,
     ) -> None:
         import torch
 
@@ -68,6 +76,13 @@ class Scorer:
         self.bf16 = use_bf16(precision, gpu=gpu)
         self.embeddings = embeddings
         self.scored = scored
+        self.seen: NearestIndex | None = None  # the training images' hashes, when the model has them
+        if train_hashes is not None:
+            if isinstance(train_hashes, ray.ObjectRef):  # sent once, as the weights are
+                train_hashes = ray.get(train_hashes)
+            distance = int(preprocessing.get("near_duplicate_distance", DEFAULT_NEAR_DUPLICATE_DISTANCE))
+            self.seen = NearestIndex(from_signed(train_hashes.column("phash").to_numpy()), distance)
+            self.seen_paths = train_hashes.column("path").combine_chunks()
 
     def score(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 (N, H, W, 3) -> float32 (N, classes) probabilities and, with embeddings,
@@ -90,8 +105,13 @@ class Scorer:
         n, width = batch.num_rows, len(self.classes)
         ok = pc.is_null(batch.column("error")).to_numpy(zero_copy_only=False)
         probs, features = np.zeros((0, width), np.float32), None
+        seen = np.full(n, -1, np.int64)  # index into the training hashes, -1: none near (or not checked)
+        seen_bits = np.full(n, -1, np.int64)
         if ok.any():
-            probs, features = self.score(to_pixels(pc.filter(batch.column("image"), pa.array(ok)), self.size))
+            pixels = to_pixels(pc.filter(batch.column("image"), pa.array(ok)), self.size)
+            probs, features = self.score(pixels)
+            if self.seen is not None:
+                seen[ok], seen_bits[ok] = self.seen.nearest(phash_batch(pixels))
         # Scatter the scored rows back among the error rows (null there), in input order.
         best = np.zeros(n, np.int64)
         best[ok] = probs.argmax(axis=1)
@@ -107,8 +127,8 @@ class Scorer:
                 pa.repeat(self.model_uri, n).cast(pa.string()),
                 batch.column("error").combine_chunks(),
                 pa.array([unsure_reason(s, self.min_score) if u else None for s, u in zip(score.tolist(), unsure)], pa.string()),
-                pa.nulls(n, pa.string()),  # seen_in_training
-                pa.nulls(n, pa.int32()),  # seen_distance
+                self.seen_paths.take(pa.array(seen, mask=seen < 0)) if (seen >= 0).any() else pa.nulls(n, pa.string()),
+                pa.array(seen_bits, pa.int32(), mask=seen < 0),
                 rows_of(features, ok),
             ],
             schema=SCORED_SCHEMA,
