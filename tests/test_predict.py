@@ -211,6 +211,16 @@ def test_embeddings_have_the_models_feature_width_and_are_the_same_in_two_runs(r
     assert (without["label"].fillna("-") == first["label"].fillna("-")).all()
     assert np.allclose(without.loc[good, "score"], first.loc[good, "score"], atol=1e-6)
 
+    # Resuming: an --embeddings OUTPUT goes on; one scored without them is refused (its rows
+    # would be skipped, left without embeddings) unless --overwrite scores it all again.
+    assert predict(root, tmp_path / "run0", embeddings=True) == 0
+    assert json.loads((tmp_path / "run0" / "summary.json").read_text())["this_run"]["rows"] == 0
+    with pytest.raises(CnnflowError, match=rf"holds {len(truth)} rows scored without --embeddings.*--overwrite"):
+        predict(root, plain, embeddings=True)
+    assert predict(root, plain, embeddings=True, overwrite=True) == 0
+    again = read_output(plain).set_index("path").sort_index()
+    assert len(again) == len(first) and {len(e) for e in again.loc[good, "embedding"]} == {width}
+
 
 def test_a_copy_of_a_training_image_names_it_and_other_images_name_none(ray_local, registry, tmp_path):
     import io
@@ -457,11 +467,13 @@ def test_every_worker_count_finishes_on_two_cpus(ray_local, registry, tmp_path, 
 def test_csv_output(ray_local, registry, folder, tmp_path):
     root, truth = folder
     out = tmp_path / "preds"
-    predict(root, out, format="csv")
+    predict(root, out, format="csv", embeddings=True)
     rows = pd.concat([pd.read_csv(p) for p in out.glob("part-*.csv")])
     assert len(rows) == len(truth) + 3
     good = rows[rows["error"].isna()]
     assert all(len(json.loads(p)) == len(CLASSES) for p in good["probabilities"])
+    assert len({len(json.loads(e)) for e in good["embedding"]}) == 1  # lists as JSON-style arrays, one width
+    assert predict(root, out, format="csv", embeddings=True) == 0  # resumes: the CSV rows have theirs
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["rows"], summary["errors"], sum(summary["counts"].values())) == (len(truth) + 3, 3, len(truth))
 

@@ -200,7 +200,9 @@ class PredictConfig(ImageLimits, RayOptions):
         "ways first and says how many labels differ.",
     )
     format: OutputFormat = option("parquet", "Output file format.")
-    overwrite: bool = option(False, "Replace predictions made by another model version.")
+    overwrite: bool = option(
+        False, "Replace predictions made by another model version (or, with --embeddings, scored without them)."
+    )
     experiment: str = option(
         DEFAULT_SCORING_EXPERIMENT,
         "MLflow experiment of the scoring runs: each predict job is a run there, linked to the "

@@ -53,6 +53,9 @@ SCORED_SCHEMA = pa.schema(
 SCORING_RUN = "scoring_run"
 OUTPUT_SCHEMA = SCORED_SCHEMA.append(pa.field(SCORING_RUN, pa.string()))
 
+# In the schema metadata of a Parquet part file written with --embeddings (CSV part files
+# are read instead): a resumed --embeddings job refuses rows scored without them.
+EMBEDDINGS_KEY = b"cnnflow.embeddings"
 SUMMARY = "summary.json"
 PART_PREFIX = "part-"
 # A part file is closed at this many rows or after this long, whichever comes first:
@@ -73,8 +76,8 @@ class Output:
     records this run in the marker before any part file is written.
     """
 
-    def __init__(self, uri: str, fmt: str):
-        self.uri, self.fmt = uri, fmt
+    def __init__(self, uri: str, fmt: str, *, embeddings: bool = False):
+        self.uri, self.fmt, self.embeddings = uri, fmt, embeddings
         self.fs, self.root = schema.resolve(uri)
         self.root = self.root.rstrip("/") or "/"
         self.run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
@@ -160,7 +163,8 @@ class Output:
             return pacsv.read_csv(src, convert_options=convert)
 
     def previous(self, model_uri: str, *, overwrite: bool) -> pa.Table:
-        """What earlier runs wrote (path, label, error); refuses another model's rows."""
+        """What earlier runs wrote (path, label, error); refuses another model's rows, and
+        with --embeddings rows scored without them (they would be skipped, left without)."""
         parts = self._parts()
         for leftover in [e for e in parts if e.base_name.startswith(".")]:
             self.fs.delete_file(leftover.path)  # a part file an interrupted run never finished
@@ -175,11 +179,26 @@ class Output:
                 f"{self.uri} holds predictions by {', '.join(others)}, not {model_uri}; "
                 "pass --overwrite to replace them, or choose another OUTPUT"
             )
-        if others:  # --overwrite: start again
+        lacking = sum(self._without_embeddings(p, t) for p, t in zip(parts, tables)) if self.embeddings else 0
+        if lacking and not overwrite:
+            raise CnnflowError(
+                f"{self.uri} holds {lacking:,} rows scored without --embeddings, which a resumed run would skip; "
+                "pass --overwrite to score every file again, or choose another OUTPUT"
+            )
+        if others or lacking:  # --overwrite: start again
             for p in parts:
                 self.fs.delete_file(p)
             return empty.drop_columns(["model_uri"])
         return done.drop_columns(["model_uri"])
+
+    def _without_embeddings(self, path: str, rows: pa.Table) -> int:
+        """Scored rows (no error) of a part file written without --embeddings."""
+        if path.endswith(".parquet"):
+            if (pq.read_schema(path, filesystem=self.fs).metadata or {}).get(EMBEDDINGS_KEY) == b"true":
+                return 0
+            return rows.column("error").null_count
+        embedding = self._read(path, ["embedding"]).column("embedding")
+        return int(pc.sum(pc.and_(pc.is_null(rows.column("error")), pc.is_null(embedding))).as_py() or 0)
 
     def add(self, batch: pa.Table) -> None:
         """Scored rows (SCORED_SCHEMA), to be written with this job's scoring run."""
@@ -201,6 +220,8 @@ class Output:
         # encoding then never leaves a half-written object under a final name.
         out = pa.BufferOutputStream()
         if self.fmt == "parquet":
+            if self.embeddings:
+                table = table.replace_schema_metadata({**(table.schema.metadata or {}), EMBEDDINGS_KEY: b"true"})
             pq.write_table(table, out)
         else:  # CSV has no lists: probabilities as a JSON-style array per row
             pacsv.write_csv(_csv_ready(table), out)
