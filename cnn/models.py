@@ -11,6 +11,7 @@ never from the builder's signature.
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -112,13 +113,14 @@ def split_head(model: nn.Module) -> Headed:
     the flattened pooled map, 10 * ((S - 4) // 2)**2 values); torchvision's ResNet is its
     children up to `avgpool`, flattened as its own forward does, then `fc`.
     """
-    from torchvision.models import ResNet
-
     if isinstance(model, Headed):
         return model
     if isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear):
         return Headed(model[:-1], model[-1])
-    if isinstance(model, ResNet):
+    # A ResNet exists only once torchvision is imported: importing it here would cost every
+    # seed or simple model ~1.2 s (2 cores), on predict's way to its first row.
+    resnet = sys.modules.get("torchvision.models.resnet")
+    if resnet is not None and isinstance(model, resnet.ResNet):
         children = [m for name, m in model.named_children() if name != "fc"]
         return Headed(nn.Sequential(*children, nn.Flatten(1)), model.fc)
     raise TypeError(f"{type(model).__name__} does not end in one Linear layer: no penultimate features")
