@@ -610,3 +610,11 @@ def test_mlflow_models_serve_answers_with_the_scores_of_predict(ray_local, regis
     good = rows["error"].isna()
     assert np.allclose(served.loc[good, "score"].astype(float), rows.loc[good, "score"], atol=1e-5)
     assert np.allclose(np.stack(served.loc[good, "probabilities"]), np.stack(rows.loc[good, "probabilities"]), atol=1e-5)
+
+
+def test_embeddings_too_wide_for_one_arrow_list_batch_say_which_batch_size_fits():
+    from workflows.predict.pipeline import check_embedding_batch
+
+    check_embedding_batch(512, 4096)  # resnet18 at the largest --batch-size
+    with pytest.raises(CnnflowError, match=r"pass --batch-size 825 or less"):
+        check_embedding_batch(10 * 510 * 510, 1024)  # `seed` at 1024 px: 2.6 M features a row
