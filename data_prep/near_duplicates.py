@@ -143,8 +143,9 @@ def training_hashes(data: str, split: str = TRAIN) -> pa.Table | None:
     8 bytes and a path per image. None for shards written before hashes (format 1)."""
     if read_manifest(data).get("format_version", 1) < 2:
         return None
-    batches = iter_batches(data, split, columns=["phash", "path"], batch_size=65536)
-    table = pa.Table.from_batches(list(batches), HASHES_SCHEMA)
+    batches = list(iter_batches(data, split, columns=["phash", "path"], batch_size=65536))
+    columns = [pa.chunked_array([b.column(f.name) for b in batches], f.type) for f in HASHES_SCHEMA]
+    table = pa.Table.from_arrays(columns, schema=HASHES_SCHEMA)  # whatever nullability each shard declared
     return table.sort_by([("phash", "ascending"), ("path", "ascending")])
 
 

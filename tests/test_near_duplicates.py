@@ -180,3 +180,23 @@ def test_nearest_index_finds_what_brute_force_finds(monkeypatch, max_pairs) -> N
     assert (index[:6] == [40, 65, 90, 115, 140, 165]).all() and (index[6:8] == -1).all()  # 1..6 bits found, 7 and 8 not
     empty = near.NearestIndex(np.zeros(0, np.uint64), 6).nearest(queries[:3])
     assert (empty[0] == -1).all() and (empty[1] == -1).all()
+
+
+def test_training_hashes_are_the_train_splits_sorted_and_none_before_format_2(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep.near_duplicates import training_hashes
+
+    for split, rows in (("train", [(5, "b.jpg"), (-3, "c.jpg"), (5, "a.jpg")]), ("val", [(1, "v.jpg")])):
+        (tmp_path / split).mkdir()
+        hashes, paths = zip(*rows)
+        pq.write_table(pa.table({"phash": pa.array(hashes, pa.int64()), "path": paths, "label": [0] * len(rows)}),
+                       tmp_path / split / "part-0.parquet")  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 2}))
+    table = training_hashes(str(tmp_path))
+    assert table.schema.names == ["phash", "path"] and table.to_pylist() == [
+        {"phash": -3, "path": "c.jpg"}, {"phash": 5, "path": "a.jpg"}, {"phash": 5, "path": "b.jpg"},
+    ]  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1}))
+    assert training_hashes(str(tmp_path)) is None  # shards without hashes: the model goes without
