@@ -6,13 +6,18 @@ preprocessing contract, applied exactly as validation applied them: each view's 
 are divided by the temperature, then the views' softmaxes are averaged (`softmax_views`).
 `for_inference` gives the same function faster (BatchNorm folded into convolutions), and
 `mixed_probabilities` runs it in bf16, recomputing in float32 the rows where bf16 could
-have changed the label. `cnn/calibration.py` fits the temperature.
+have changed the label. `scored` is the one function under both; given a split model
+(`for_inference` returns one) it also returns the penultimate features from the same
+forward pass (predict's `--embeddings`). `cnn/calibration.py` fits the temperature.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from cnn.models import Headed, split_head
 from cnn.transforms import Normalize
 
 # bf16 keeps a row's label only when its top two logits are this far apart; rows closer
@@ -35,19 +40,21 @@ def fitted_temperature(preprocessing: dict) -> float:
     return float(preprocessing.get("temperature", 1.0))
 
 
-def for_inference(model: nn.Module) -> nn.Module:
-    """An eval-mode copy with every BatchNorm folded into the convolution before it.
+def for_inference(model: nn.Module) -> Headed:
+    """An eval-mode copy with every BatchNorm folded into the convolution before it, split
+    at its head (`cnn.models.Headed`), so that its features come from the fused model too.
 
     The same function in fewer passes over memory: `simple` ran 1.3x faster on CPU
-    (torch.fx's own conv-BN fusion). A model torch.fx cannot trace stays unfused.
+    (torch.fx's own conv-BN fusion). A body torch.fx cannot trace stays unfused.
     """
     from torch.fx.experimental.optimization import fuse
 
-    model = model.eval()
+    split = split_head(model.eval())
     try:
-        return fuse(model)
+        body = fuse(split.body)
     except Exception:  # noqa: BLE001 - tracing fails on data-dependent control flow; fusion is only a speed-up
-        return model
+        body = split.body
+    return Headed(body, split.head).eval()
 
 
 def views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
@@ -62,37 +69,73 @@ def softmax_views(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return torch.softmax(logits.float() / temperature, dim=2).mean(0)
 
 
+def _forward_views(model: nn.Module, x: torch.Tensor, tta: str, features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Normalised x -> float32 (views, N, classes) logits and, with `features`, float32
+    (N, F) features of the plain view, from the same pass: its logits are head(features)."""
+    vs = views(x, tta)
+    if not features:
+        return torch.stack([model(v).float() for v in vs]), None
+    if not isinstance(model, Headed):
+        raise TypeError("features need the model split at its head: cnn.inference.for_inference or cnn.models.split_head")
+    f = model.features(vs[0])  # (N, F)
+    logits = [model.head(f), *(model(v) for v in vs[1:])]  # the mirror's features are not kept
+    return torch.stack([z.float() for z in logits]), f.float()
+
+
 @torch.inference_mode()
 def view_logits(model: nn.Module, normalize: Normalize, pixels: torch.Tensor, *, tta: str = "none") -> torch.Tensor:
     """uint8 (N, H, W, 3) pixels -> float32 (views, N, classes) logits, one view per `tta` view."""
-    return torch.stack([model(v).float() for v in views(normalize(pixels), tta)])
+    return _forward_views(model, normalize(pixels), tta, False)[0]
+
+
+@dataclass(frozen=True)
+class Scored:
+    probabilities: torch.Tensor  # float32 (N, classes)
+    features: torch.Tensor | None  # float32 (N, F): the plain view's penultimate features, when asked
 
 
 @torch.inference_mode()
-def class_probabilities(
-    model: nn.Module, normalize: Normalize, pixels: torch.Tensor, *, tta: str = "none", temperature: float = 1.0
-) -> torch.Tensor:
-    """uint8 (N, H, W, 3) pixels -> float (N, classes) softmax probabilities, in float32."""
-    return softmax_views(view_logits(model, normalize, pixels, tta=tta), temperature)
+def scored(
+    model: nn.Module, normalize: Normalize, pixels: torch.Tensor, *, tta: str = "none", temperature: float = 1.0,
+    bf16: bool = False, features: bool = False,
+) -> Scored:  # fmt: skip
+    """uint8 (N, H, W, 3) pixels -> probabilities (and with `features`, the penultimate
+    features, which need a `Headed` model) in one forward pass.
 
-
-@torch.inference_mode()
-def mixed_probabilities(
-    model: nn.Module, normalize: Normalize, pixels: torch.Tensor, *, tta: str = "none", temperature: float = 1.0
-) -> torch.Tensor:
-    """As `class_probabilities`, with the model under bf16 autocast on the pixels' device.
-
-    Near ties (top two logits of any view within BF16_MARGIN) go again in float32, so the
-    labels are float32's; the probabilities of the other rows carry bf16's rounding (~1e-3).
+    `bf16`: the model under bf16 autocast on the pixels' device. Near ties (top two
+    logits of any view within BF16_MARGIN) go again in float32, features included, so the
+    labels are float32's; the other rows carry bf16's rounding (~1e-3), their features too
+    (returned as float32 all the same).
     """
     x = normalize(pixels)
+    if not bf16:
+        logits, f = _forward_views(model, x, tta, features)
+        return Scored(softmax_views(logits, temperature), f)
     with torch.autocast(x.device.type, dtype=torch.bfloat16):
-        logits = torch.stack([model(v).float() for v in views(x, tta)])
+        logits, f = _forward_views(model, x, tta, features)
     probs = softmax_views(logits, temperature)
     if probs.shape[1] > 1:
         # The margin is on the raw logits: dividing by T scales bf16's error and the gap alike.
         top2 = logits.topk(2, dim=2).values
         close = ((top2[..., 0] - top2[..., 1]) < BF16_MARGIN).any(0)
         if close.any():
-            probs[close] = class_probabilities(model, normalize, pixels[close], tta=tta, temperature=temperature)
-    return probs
+            again = scored(model, normalize, pixels[close], tta=tta, temperature=temperature, features=features)
+            probs[close] = again.probabilities
+            if f is not None:
+                f[close] = again.features
+    return Scored(probs, f)
+
+
+def class_probabilities(
+    model: nn.Module, normalize: Normalize, pixels: torch.Tensor, *, tta: str = "none", temperature: float = 1.0
+) -> torch.Tensor:
+    """uint8 (N, H, W, 3) pixels -> float (N, classes) softmax probabilities, in float32."""
+    return scored(model, normalize, pixels, tta=tta, temperature=temperature).probabilities
+
+
+def mixed_probabilities(
+    model: nn.Module, normalize: Normalize, pixels: torch.Tensor, *, tta: str = "none", temperature: float = 1.0
+) -> torch.Tensor:
+    """As `class_probabilities`, with the model under bf16 autocast on the pixels' device;
+    near ties again in float32 (`scored`)."""
+    return scored(model, normalize, pixels, tta=tta, temperature=temperature, bf16=True).probabilities

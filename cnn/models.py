@@ -1,7 +1,8 @@
 """Model definitions: one builder for each model of the registry (`cnn/registry.py`).
 
 Every model takes a float batch shaped (N, 3, H, W), already normalised, and returns
-logits shaped (N, num_classes). A model is described by a `ModelSpec` (its constructor
+logits shaped (N, num_classes). Each ends in one Linear layer, the head; what it takes is
+the model's penultimate features (`split_head`, `Headed.features`: predict's embeddings). A model is described by a `ModelSpec` (its constructor
 arguments); the spec is saved beside the weights so that a model can be rebuilt from a
 weights file alone, with `torch.load(..., weights_only=True)` and no pickled code
 (nanoGPT's habit). The arguments the registry declares get their defaults from there,
@@ -10,6 +11,7 @@ never from the builder's signature.
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -79,6 +81,49 @@ def model_from_state(state: dict[str, Any]) -> tuple[nn.Module, ModelSpec]:
     model = build_model(ModelSpec(spec.name, spec.num_classes, spec.image_size, options))
     model.load_state_dict(state["state_dict"])
     return model, spec
+
+
+# --- the penultimate features ---------------------------------------------------------
+
+
+class Headed(nn.Module):
+    """A model as its body and its head: `forward` is head(body(x)), the model's own
+    function; `features` is body(x), float (N, feature_width), what the head takes."""
+
+    def __init__(self, body: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.body, self.head = body, head
+
+    @property
+    def feature_width(self) -> int:
+        return self.head.in_features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)  # (N, 3, H, W) -> (N, F)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))  # (N, F) -> (N, classes)
+
+
+def split_head(model: nn.Module) -> Headed:
+    """Any registered model as a `Headed` sharing its parameters (no copy).
+
+    `seed` and `simple` are Sequentials ending in their Linear (for `simple` the features
+    are the pooled channels after Dropout, which eval mode makes the identity; for `seed`
+    the flattened pooled map, 10 * ((S - 4) // 2)**2 values); torchvision's ResNet is its
+    children up to `avgpool`, flattened as its own forward does, then `fc`.
+    """
+    if isinstance(model, Headed):
+        return model
+    if isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear):
+        return Headed(model[:-1], model[-1])
+    # A ResNet exists only once torchvision is imported: importing it here would cost every
+    # seed or simple model ~1.2 s (2 cores), on predict's way to its first row.
+    resnet = sys.modules.get("torchvision.models.resnet")
+    if resnet is not None and isinstance(model, resnet.ResNet):
+        children = [m for name, m in model.named_children() if name != "fc"]
+        return Headed(nn.Sequential(*children, nn.Flatten(1)), model.fc)
+    raise TypeError(f"{type(model).__name__} does not end in one Linear layer: no penultimate features")
 
 
 # --- initialisation -------------------------------------------------------------------

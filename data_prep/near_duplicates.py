@@ -7,6 +7,10 @@ within each run of equal values: the work is N log N plus the pairs that share a
 The driver joins the matched pairs into groups (union-find over the distinct hashes) and
 reads the grouped files' path, label and split back from the shards, so it holds 8 bytes
 per file and a record per grouped file, nothing more.
+
+A trained model carries its training split's hashes (`training_hashes`, logged with the
+model by train), and predict asks a `NearestIndex` of them, the same banded idea against
+a fixed set, which training image each scored row is a near-copy of.
 """
 from __future__ import annotations
 
@@ -18,10 +22,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_prep.phash import from_signed, to_signed
-from data_prep.schema import SPLITS
+from data_prep.schema import SPLITS, TRAIN, read_manifest
 from data_prep.shard_reader import iter_batches
 
 BLOCK = 1024  # hashes compared at once in one bucket (a BLOCK x BLOCK distance matrix)
+# (query, candidate) pairs compared at once by NearestIndex: 16 bytes each, 64 MiB
+MAX_PAIRS = 1 << 22
+HASHES_SCHEMA = pa.schema([pa.field("phash", pa.int64(), nullable=False), pa.field("path", pa.string(), nullable=False)])
 
 
 def bands(distance: int) -> list[tuple[int, int]]:
@@ -126,3 +133,63 @@ def report(output: str, classes: list[str], phashes: np.ndarray, distance: int) 
         },
         "groups": groups,
     }
+
+
+# --- a model's training images, matched at predict time ------------------------------------
+
+
+def training_hashes(data: str, split: str = TRAIN) -> pa.Table | None:
+    """`split`'s (phash, path) of a prep output, sorted by phash then path (HASHES_SCHEMA):
+    8 bytes and a path per image. None for shards written before hashes (format 1)."""
+    if read_manifest(data).get("format_version", 1) < 2:
+        return None
+    batches = list(iter_batches(data, split, columns=["phash", "path"], batch_size=65536))
+    columns = [pa.chunked_array([b.column(f.name) for b in batches], f.type) for f in HASHES_SCHEMA]
+    table = pa.Table.from_arrays(columns, schema=HASHES_SCHEMA)  # whatever nullability each shard declared
+    return table.sort_by([("phash", "ascending"), ("path", "ascending")])
+
+
+class NearestIndex:
+    """For batches of query hashes, the closest of a fixed set of hashes within `distance`.
+
+    The banded idea of `band_pairs` against a fixed set: a query at most `distance` bits
+    from a hash agrees with it exactly on one of the distance+1 bands, so each band keeps
+    the set sorted by its bits, and a query is compared only with the hashes that share
+    one of its bands' values. Built once (distance+1 argsorts); holds the hashes and an
+    int64 order per band.
+    """
+
+    def __init__(self, hashes: np.ndarray, distance: int) -> None:
+        self.hashes = np.asarray(hashes, np.uint64)
+        self.distance = int(distance)
+        self.bands = []
+        for shift, width in bands(self.distance):
+            mask = np.uint64((1 << width) - 1)
+            key = (self.hashes >> np.uint64(shift)) & mask
+            order = np.argsort(key, kind="stable")
+            self.bands.append((np.uint64(shift), mask, key[order], order))
+
+    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint64 (N,) -> int64 (N,) index of the closest hash (-1: none within the distance)
+        and int64 (N,) its distance in bits (-1 with none). Ties go to the lower index."""
+        queries = np.asarray(queries, np.uint64)
+        n, size = len(queries), len(self.hashes)
+        none = np.iinfo(np.int64).max
+        best = np.full(n, none, np.int64)  # distance * size + index: the smallest is the answer
+        for shift, mask, keys, order in self.bands:
+            key = (queries >> shift) & mask
+            lo, hi = np.searchsorted(keys, key, "left"), np.searchsorted(keys, key, "right")
+            counts = hi - lo
+            ends = np.cumsum(counts)
+            start = 0
+            while start < n:  # queries in runs of at most MAX_PAIRS candidates (one query's run may exceed it)
+                stop = max(start + 1, int(np.searchsorted(ends, (ends[start - 1] if start else 0) + MAX_PAIRS, "right")))
+                q = np.repeat(np.arange(start, stop), counts[start:stop])
+                first = np.cumsum(counts[start:stop]) - counts[start:stop]  # each query's first pair
+                candidate = order[np.repeat(lo[start:stop], counts[start:stop]) + np.arange(len(q)) - np.repeat(first, counts[start:stop])]
+                bits = np.bitwise_count(queries[q] ^ self.hashes[candidate]).astype(np.int64)
+                near = bits <= self.distance
+                np.minimum.at(best, q[near], bits[near] * size + candidate[near])
+                start = stop
+        found = best != none
+        return np.where(found, best % max(size, 1), -1), np.where(found, best // max(size, 1), -1)

@@ -71,6 +71,7 @@ MAX_FILE_MB, MAX_MEGAPIXELS = 2048.0, 178.0
 # hash 0-2 bits, a 2-5% crop 2-12; distinct photos are ~32 apart. Above 12 the 13 bands of
 # 4-5 bits are too coarse to spare the matching most pairs.
 MAX_NEAR_DUPLICATE_DISTANCE = 12
+DEFAULT_NEAR_DUPLICATE_DISTANCE = 6  # bits of 64; a model logged without the manifest's matches at this too
 
 
 def label_source(labels: str) -> tuple[str, str]:
@@ -130,7 +131,7 @@ class PrepOptions(ImageLimits):
         "near-copy of a training image); ignore: each file's split from its own bytes.",
     )
     near_duplicate_distance: int = option(
-        6, f"Images whose perceptual hashes differ in at most this many of 64 bits are "
+        DEFAULT_NEAR_DUPLICATE_DISTANCE, f"Images whose perceptual hashes differ in at most this many of 64 bits are "
         f"reported as near-duplicates (0-{MAX_NEAR_DUPLICATE_DISTANCE})."
     )
 

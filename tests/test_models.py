@@ -6,8 +6,8 @@ import io
 import pytest
 import torch
 
-from cnn.inference import class_probabilities, for_inference, mixed_probabilities
-from cnn.models import MODELS, ModelSpec, build_model, model_from_state, model_state, register_model
+from cnn.inference import class_probabilities, for_inference, mixed_probabilities, scored
+from cnn.models import MODELS, ModelSpec, build_model, model_from_state, model_state, register_model, split_head
 from cnn.summary import expected_shape, summarize
 from cnn.transforms import BatchAugment, Normalize
 
@@ -157,6 +157,29 @@ def test_inference_model_folds_batchnorm_and_computes_the_same(name: str) -> Non
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "width"), [("seed", 10 * 30 * 30), ("simple", 256), ("resnet18", 512)])
+def test_features_are_what_the_head_takes_from_the_same_fused_pass(name: str, width: int) -> None:
+    model = _with_batchnorm_statistics(build_model(ModelSpec(name, 3, 64)))
+    x = torch.randn(4, 3, 64, 64)
+    split = split_head(model)
+    with torch.no_grad():
+        assert torch.equal(split(x), model(x))  # the model's own function, parameters shared
+    assert split.feature_width == width
+    fused = for_inference(model)
+    normalize = Normalize(mean=[0.5] * 3, std=[0.25] * 3)
+    pixels = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    for tta in ("none", "flip"):
+        out = scored(fused, normalize, pixels, tta=tta, features=True)
+        assert out.features.shape == (4, width) and out.features.dtype == torch.float32
+        # probabilities as without features; features as the unfused body's, of the plain view
+        torch.testing.assert_close(out.probabilities, class_probabilities(model, normalize, pixels, tta=tta))
+        with torch.no_grad():
+            torch.testing.assert_close(out.features, split.features(normalize(pixels)), rtol=1e-4, atol=1e-4)
+    mixed = scored(fused, normalize, pixels, bf16=True, features=True)
+    assert mixed.features.dtype == torch.float32  # bf16's rounding, float32's type
+    torch.testing.assert_close(mixed.features, out.features, rtol=0.05, atol=0.1)
 
 
 def test_mixed_precision_keeps_the_float32_labels() -> None:

@@ -163,3 +163,42 @@ def _rows(out: Path, split: str) -> list[dict]:
 
     return [dict(r, split=split) for f in sorted((out / split).glob("*.parquet"))
             for r in pq.read_table(f, columns=["path"]).to_pylist()]  # fmt: skip
+
+
+@pytest.mark.parametrize("max_pairs", [1 << 22, 5])
+def test_nearest_index_finds_what_brute_force_finds(monkeypatch, max_pairs) -> None:
+    import data_prep.near_duplicates as near
+
+    monkeypatch.setattr(near, "MAX_PAIRS", max_pairs)  # small: the queries go in many runs
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 2**63, size=3000, dtype=np.int64).astype(np.uint64) * np.uint64(2)
+    train[:40] = train[0]  # one hash many times: a big bucket, ties go to the lowest index
+    flips = [np.bitwise_or.reduce(np.uint64(1) << rng.choice(64, size=k, replace=False).astype(np.uint64)) for k in range(1, 9)]
+    queries = np.concatenate([train[40:240:25] ^ np.array(flips, np.uint64), train[20:50], rng.integers(0, 2**63, size=50, dtype=np.int64).astype(np.uint64)])
+    index, bits = near.NearestIndex(train, 6).nearest(queries)
+    apart = hamming(queries[:, None], train[None, :])  # brute force
+    want = np.where(apart.min(1) <= 6, apart.argmin(1), -1)
+    assert (index == want).all() and (bits == np.where(want >= 0, apart.min(1), -1)).all()
+    assert (index[:6] == [40, 65, 90, 115, 140, 165]).all() and (index[6:8] == -1).all()  # 1..6 bits found, 7 and 8 not
+    empty = near.NearestIndex(np.zeros(0, np.uint64), 6).nearest(queries[:3])
+    assert (empty[0] == -1).all() and (empty[1] == -1).all()
+
+
+def test_training_hashes_are_the_train_splits_sorted_and_none_before_format_2(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep.near_duplicates import training_hashes
+
+    for split, rows in (("train", [(5, "b.jpg"), (-3, "c.jpg"), (5, "a.jpg")]), ("val", [(1, "v.jpg")])):
+        (tmp_path / split).mkdir()
+        hashes, paths = zip(*rows)
+        pq.write_table(pa.table({"phash": pa.array(hashes, pa.int64()), "path": paths, "label": [0] * len(rows)}),
+                       tmp_path / split / "part-0.parquet")  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 2}))
+    table = training_hashes(str(tmp_path))
+    assert table.schema.names == ["phash", "path"] and table.to_pylist() == [
+        {"phash": -3, "path": "c.jpg"}, {"phash": 5, "path": "a.jpg"}, {"phash": 5, "path": "b.jpg"},
+    ]  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1}))
+    assert training_hashes(str(tmp_path)) is None  # shards without hashes: the model goes without

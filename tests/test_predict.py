@@ -87,8 +87,12 @@ def test_predicts_right_label_one_row_per_file_and_error_rows(ray_local, registr
     assert "empty" in bad.loc["broken/empty.png", "error"]
 
     schema = pq.read_schema(next(out.glob("part-*.parquet")))
-    assert [f.name for f in schema] == ["path", "label", "score", "probabilities", "model_uri", "error", "unsure", "scoring_run"]
+    assert [f.name for f in schema] == [
+        "path", "label", "score", "probabilities", "model_uri", "error", "unsure", "seen_in_training", "seen_distance",
+        "embedding", "scoring_run",
+    ]  # fmt: skip
     assert rows["unsure"].isna().all()  # no --min-score: every scored row has its label
+    assert rows["embedding"].isna().all()  # no --embeddings: the column is there, null
     assert schema.field("score").type == pa.float32()
     assert pa.types.is_list(schema.field("probabilities").type)
     assert schema.field("probabilities").type.value_type == pa.float32()
@@ -178,6 +182,106 @@ def test_pyfunc_model_gives_the_same_labels_as_the_batch_job(ray_local, registry
     pyfunc = mlflow.pyfunc.load_model(registry.uri).predict(frame)
     assert list(pyfunc["label"].fillna("<error>")) == list(rows["label"].fillna("<error>"))
     assert np.allclose(pyfunc["score"].dropna(), rows["score"].dropna(), atol=1e-5)
+
+
+def test_embeddings_have_the_models_feature_width_and_are_the_same_in_two_runs(ray_local, registry, folder, tmp_path):
+    from cnn.models import model_from_state, split_head
+
+    root, truth = folder
+    state, _ = registry.weights()
+    width = split_head(model_from_state(state)[0]).feature_width  # what the model's final Linear takes
+    runs = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        assert predict(root, out, embeddings=True, batch_size=16) == 0
+        runs.append(read_output(out).set_index("path").sort_index())
+    first, second = runs
+    good = ~first.index.isin(BROKEN)
+    schema = pq.read_schema(next((tmp_path / "run0").glob("part-*.parquet")))
+    assert schema.field("embedding").type == pa.list_(pa.float32())
+    assert {len(e) for e in first.loc[good, "embedding"]} == {width}
+    assert first.loc[~good, "embedding"].isna().all()  # error rows have none
+    a, b = np.stack(first.loc[good, "embedding"]), np.stack(second.loc[good, "embedding"])
+    assert np.isfinite(a).all() and a.std() > 0
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # same input, same model: the same vectors
+    # the embeddings' pass gives the labels and scores of a pass without them
+    plain = tmp_path / "plain"
+    assert predict(root, plain, batch_size=16) == 0
+    without = read_output(plain).set_index("path").sort_index()
+    assert (without["label"].fillna("-") == first["label"].fillna("-")).all()
+    assert np.allclose(without.loc[good, "score"], first.loc[good, "score"], atol=1e-6)
+
+    # Resuming: an --embeddings OUTPUT goes on; one scored without them is refused (its rows
+    # would be skipped, left without embeddings) unless --overwrite scores it all again.
+    assert predict(root, tmp_path / "run0", embeddings=True) == 0
+    assert json.loads((tmp_path / "run0" / "summary.json").read_text())["this_run"]["rows"] == 0
+    with pytest.raises(CnnflowError, match=rf"holds {len(truth)} rows scored without --embeddings.*--overwrite"):
+        predict(root, plain, embeddings=True)
+    assert predict(root, plain, embeddings=True, overwrite=True) == 0
+    again = read_output(plain).set_index("path").sort_index()
+    assert len(again) == len(first) and {len(e) for e in again.loc[good, "embedding"]} == {width}
+
+
+def test_a_copy_of_a_training_image_names_it_and_other_images_name_none(ray_local, registry, tmp_path):
+    import io
+    import shutil
+
+    from PIL import Image
+
+    from data_prep.decode import Limits
+    from data_prep.decode import load_image
+    from data_prep.phash import from_signed, hamming, phash_batch
+    from data_prep.shard_reader import read_table
+    from tests.test_near_duplicates import smooth_picture
+
+    _, preprocessing = registry.weights()
+    distance = preprocessing["near_duplicate_distance"]
+    assert distance == 6  # the prep's default, recorded with the model
+    images = registry.prepared.parent / "train_images"  # the fixture's prep INPUT
+    train = read_table(str(registry.prepared), "train", columns=["path", "phash"]).to_pandas()
+    val = read_table(str(registry.prepared), "val", columns=["path"]).to_pandas()
+    hashes = from_signed(train["phash"].to_numpy())
+    apart = hamming(hashes[:, None], hashes[None, :]) + 64 * np.eye(len(hashes), dtype=np.int64)
+    limits = Limits.of(100.0, 50.0)
+
+    def near_copy(path: Path) -> bytes:
+        """The picture twice as large, saved again as JPEG."""
+        img = Image.open(path).convert("RGB")
+        buf = io.BytesIO()
+        img.resize((img.width * 2, img.height * 2), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+        return buf.getvalue()
+
+    # A training image that no other training image is near, whose near copy hashes within
+    # the distance of it (a stripe picture at 32 px moves 2-12 bits when re-encoded).
+    for i in np.flatnonzero(apart.min(1) > 2 * distance):
+        copy = near_copy(images / train["path"][i])
+        pixels = load_image(copy, size=preprocessing["image_size"], resize=preprocessing["resize"], limits=limits)
+        bits = int(hamming(phash_batch(pixels.decoded.pixels[None])[0], hashes[i])[0])
+        if 0 < bits <= distance:
+            break
+    else:
+        pytest.fail("no training image with a near copy within the distance")
+    original = train["path"][i]
+    root = tmp_path / "images"
+    (root / "elsewhere").mkdir(parents=True)
+    shutil.copy(images / original, root / "elsewhere" / f"renamed{Path(original).suffix}")  # the same bytes
+    (root / "near.jpg").write_bytes(near_copy(images / original))
+    shutil.copy(images / val["path"][0], root / f"validation{Path(val['path'][0]).suffix}")  # not a training image
+    Image.fromarray(smooth_picture(0)).save(root / "unrelated.png")
+    (root / "broken.png").write_bytes(b"")
+    out = tmp_path / "preds"
+    assert predict(root, out) == 0
+
+    rows = read_output(out).set_index("path")
+    copied = f"elsewhere/renamed{Path(original).suffix}"
+    assert (rows.loc[copied, "seen_in_training"], rows.loc[copied, "seen_distance"]) == (original, 0)
+    assert (rows.loc["near.jpg", "seen_in_training"], rows.loc["near.jpg", "seen_distance"]) == (original, bits)
+    others = rows.drop(index=[copied, "near.jpg"])
+    assert others["seen_in_training"].isna().all() and others["seen_distance"].isna().all(), others
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seen_in_training"] == 2
+    schema = pq.read_schema(next(out.glob("part-*.parquet")))
+    assert (schema.field("seen_in_training").type, schema.field("seen_distance").type) == (pa.string(), pa.int32())
 
 
 def test_min_score_leaves_the_rows_below_it_unsure_with_their_scores_and_resumes(ray_local, registry, folder, tmp_path):
@@ -337,6 +441,13 @@ def test_prep_output_is_scored_from_its_shards(ray_local, registry, tmp_path):
     assert sorted(rows["path"]) == sorted(truth) and rows["error"].isna().all()
     accuracy = (rows["label"] == rows["path"].map(truth)).mean()
     assert accuracy >= 0.9, rows[["path", "label", "score"]]
+    # predict hashes the pixels as prep did: every training row finds itself, 0 bits away,
+    # and no validation row is near a training one (near-duplicate groups share a split)
+    train = set(pd.read_parquet(registry.prepared / "train", columns=["path"])["path"])
+    trained = rows["path"].isin(train)
+    assert (rows.loc[trained, "seen_in_training"] == rows.loc[trained, "path"]).all()
+    assert (rows.loc[trained, "seen_distance"] == 0).all() and rows.loc[~trained, "seen_in_training"].isna().all()
+    assert json.loads((out / "summary.json").read_text())["seen_in_training"] == len(train)
     predict(registry.prepared, out)  # resumes: nothing left to score
     assert json.loads((out / "summary.json").read_text())["this_run"]["rows"] == 0
 
@@ -356,11 +467,13 @@ def test_every_worker_count_finishes_on_two_cpus(ray_local, registry, tmp_path, 
 def test_csv_output(ray_local, registry, folder, tmp_path):
     root, truth = folder
     out = tmp_path / "preds"
-    predict(root, out, format="csv")
+    predict(root, out, format="csv", embeddings=True)
     rows = pd.concat([pd.read_csv(p) for p in out.glob("part-*.csv")])
     assert len(rows) == len(truth) + 3
     good = rows[rows["error"].isna()]
     assert all(len(json.loads(p)) == len(CLASSES) for p in good["probabilities"])
+    assert len({len(json.loads(e)) for e in good["embedding"]}) == 1  # lists as JSON-style arrays, one width
+    assert predict(root, out, format="csv", embeddings=True) == 0  # resumes: the CSV rows have theirs
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["rows"], summary["errors"], sum(summary["counts"].values())) == (len(truth) + 3, 3, len(truth))
 
@@ -497,3 +610,11 @@ def test_mlflow_models_serve_answers_with_the_scores_of_predict(ray_local, regis
     good = rows["error"].isna()
     assert np.allclose(served.loc[good, "score"].astype(float), rows.loc[good, "score"], atol=1e-5)
     assert np.allclose(np.stack(served.loc[good, "probabilities"]), np.stack(rows.loc[good, "probabilities"]), atol=1e-5)
+
+
+def test_embeddings_too_wide_for_one_arrow_list_batch_say_which_batch_size_fits():
+    from workflows.predict.pipeline import check_embedding_batch
+
+    check_embedding_batch(512, 4096)  # resnet18 at the largest --batch-size
+    with pytest.raises(CnnflowError, match=r"pass --batch-size 825 or less"):
+        check_embedding_batch(10 * 510 * 510, 1024)  # `seed` at 1024 px: 2.6 M features a row

@@ -200,7 +200,9 @@ class PredictConfig(ImageLimits, RayOptions):
         "ways first and says how many labels differ.",
     )
     format: OutputFormat = option("parquet", "Output file format.")
-    overwrite: bool = option(False, "Replace predictions made by another model version.")
+    overwrite: bool = option(
+        False, "Replace predictions made by another model version (or, with --embeddings, scored without them)."
+    )
     experiment: str = option(
         DEFAULT_SCORING_EXPERIMENT,
         "MLflow experiment of the scoring runs: each predict job is a run there, linked to the "
@@ -215,6 +217,11 @@ class PredictConfig(ImageLimits, RayOptions):
         None,
         "Choose --min-score from the model's validation threshold table: the smallest "
         "threshold whose validation precision is at least this, in (0, 1].",
+    )
+    embeddings: bool = option(
+        False,
+        "Also write each row's penultimate features (what the model's final Linear takes) as "
+        "`embedding`, list<float32>, from the same forward pass (with tta flip: the plain view's).",
     )
 
     def __post_init__(self) -> None:

@@ -30,6 +30,10 @@ def closing_screen(console: Console, summary: dict, output: str) -> None:
         + (f", {run['images_per_s']:,} images/s" if run["rows"] else "")
         + (f"; {run['already_scored']:,} already scored before" if run["already_scored"] else "")
     )
+    if summary.get("seen_in_training"):
+        console.print(
+            f"{summary['seen_in_training']:,} rows are near-copies of training images (their `seen_in_training` names it)"
+        )
     for example in summary["error_examples"][:3]:
         console.print(f"  [red]error[/red] {plain(example['path'])}: {plain(example['error'])}")
     skipped = sum(summary["skipped_files"].values())

@@ -48,7 +48,7 @@ def run(config: PredictConfig) -> int:
         check_cpu(config.precision, gpu=config.gpu)
         # One job at a time writes OUTPUT (data_prep/lock.py); the scoring run starts in _run.
         with output_lock(config.output), _scoring_run(config) as scoring:
-            return _run(config, Output(config.output, config.format), scoring)
+            return _run(config, Output(config.output, config.format, embeddings=config.embeddings), scoring)
     except PrepError as exc:
         raise CnnflowError(str(exc)) from None
 
@@ -128,6 +128,7 @@ def _run(config: PredictConfig, output: Output, scoring: ScoringRun) -> int:
             "images_per_s": this_run["images_per_s"],
             "seconds": this_run["seconds"],
             "unsure": summary["unsure"],
+            **({"seen_in_training": summary["seen_in_training"]} if summary["seen_in_training"] is not None else {}),
             # this batch against the training data (workflows/predict/drift.py)
             **({"drift_class_psi": summary["drift"]["classes"]["psi"], "drift_score_psi": summary["drift"]["scores"]["psi"]}
                if summary["drift"] else {}),
@@ -159,7 +160,7 @@ def load_job(config: PredictConfig, output: Output | None = None) -> Job:
     """The model, the inputs and what OUTPUT already holds; no Ray needed."""
     from workflows.tracking import load_classifier, resolve_model_uri, use_tracking
 
-    output = output or Output(config.output, config.format)
+    output = output or Output(config.output, config.format, embeddings=config.embeddings)
     use_tracking()
     model_uri = resolve_model_uri(config.model)
     classifier = load_classifier(model_uri)

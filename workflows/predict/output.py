@@ -37,6 +37,15 @@ SCORED_SCHEMA = pa.schema(
         # null, or why a scored row has no label (its score is below --min-score); its score
         # and probabilities are still written
         pa.field("unsure", pa.string()),
+        # the closest training image (its path relative to the training data's INPUT) whose
+        # perceptual hash is within the model's near_duplicate_distance of this row's, and
+        # how many of the 64 bits differ (0: the same pixels, to the hash); null when none is
+        # that close, on error rows, and for a model logged without its training hashes
+        pa.field("seen_in_training", pa.string()),
+        pa.field("seen_distance", pa.int32()),
+        # --embeddings: the penultimate features (what the model's final Linear takes), float32;
+        # null without --embeddings and on error rows (one schema whatever the options)
+        pa.field("embedding", pa.list_(pa.float32())),
     ]
 )
 # The output table (docs/architecture.md, Formats): the scored rows and the MLflow run id of
@@ -44,6 +53,9 @@ SCORED_SCHEMA = pa.schema(
 SCORING_RUN = "scoring_run"
 OUTPUT_SCHEMA = SCORED_SCHEMA.append(pa.field(SCORING_RUN, pa.string()))
 
+# In the schema metadata of a Parquet part file written with --embeddings (CSV part files
+# are read instead): a resumed --embeddings job refuses rows scored without them.
+EMBEDDINGS_KEY = b"cnnflow.embeddings"
 SUMMARY = "summary.json"
 PART_PREFIX = "part-"
 # A part file is closed at this many rows or after this long, whichever comes first:
@@ -64,8 +76,8 @@ class Output:
     records this run in the marker before any part file is written.
     """
 
-    def __init__(self, uri: str, fmt: str):
-        self.uri, self.fmt = uri, fmt
+    def __init__(self, uri: str, fmt: str, *, embeddings: bool = False):
+        self.uri, self.fmt, self.embeddings = uri, fmt, embeddings
         self.fs, self.root = schema.resolve(uri)
         self.root = self.root.rstrip("/") or "/"
         self.run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
@@ -135,7 +147,7 @@ class Output:
 
     def _read(self, path: str, columns: list[str]) -> pa.Table:
         """The string columns of a part file; one that part files from older versions lack
-        (`unsure`) reads as nulls."""
+        (`unsure`, `seen_in_training`) reads as nulls."""
         if path.endswith(".parquet"):
             present = set(pq.read_schema(path, filesystem=self.fs).names)
             table = pq.read_table(path, columns=[c for c in columns if c in present], filesystem=self.fs)
@@ -151,7 +163,8 @@ class Output:
             return pacsv.read_csv(src, convert_options=convert)
 
     def previous(self, model_uri: str, *, overwrite: bool) -> pa.Table:
-        """What earlier runs wrote (path, label, error); refuses another model's rows."""
+        """What earlier runs wrote (path, label, error); refuses another model's rows, and
+        with --embeddings rows scored without them (they would be skipped, left without)."""
         parts = self._parts()
         for leftover in [e for e in parts if e.base_name.startswith(".")]:
             self.fs.delete_file(leftover.path)  # a part file an interrupted run never finished
@@ -166,11 +179,26 @@ class Output:
                 f"{self.uri} holds predictions by {', '.join(others)}, not {model_uri}; "
                 "pass --overwrite to replace them, or choose another OUTPUT"
             )
-        if others:  # --overwrite: start again
+        lacking = sum(self._without_embeddings(p, t) for p, t in zip(parts, tables)) if self.embeddings else 0
+        if lacking and not overwrite:
+            raise CnnflowError(
+                f"{self.uri} holds {lacking:,} rows scored without --embeddings, which a resumed run would skip; "
+                "pass --overwrite to score every file again, or choose another OUTPUT"
+            )
+        if others or lacking:  # --overwrite: start again
             for p in parts:
                 self.fs.delete_file(p)
             return empty.drop_columns(["model_uri"])
         return done.drop_columns(["model_uri"])
+
+    def _without_embeddings(self, path: str, rows: pa.Table) -> int:
+        """Scored rows (no error) of a part file written without --embeddings."""
+        if path.endswith(".parquet"):
+            if (pq.read_schema(path, filesystem=self.fs).metadata or {}).get(EMBEDDINGS_KEY) == b"true":
+                return 0
+            return rows.column("error").null_count
+        embedding = self._read(path, ["embedding"]).column("embedding")
+        return int(pc.sum(pc.and_(pc.is_null(rows.column("error")), pc.is_null(embedding))).as_py() or 0)
 
     def add(self, batch: pa.Table) -> None:
         """Scored rows (SCORED_SCHEMA), to be written with this job's scoring run."""
@@ -192,6 +220,8 @@ class Output:
         # encoding then never leaves a half-written object under a final name.
         out = pa.BufferOutputStream()
         if self.fmt == "parquet":
+            if self.embeddings:
+                table = table.replace_schema_metadata({**(table.schema.metadata or {}), EMBEDDINGS_KEY: b"true"})
             pq.write_table(table, out)
         else:  # CSV has no lists: probabilities as a JSON-style array per row
             pacsv.write_csv(_csv_ready(table), out)
@@ -205,10 +235,11 @@ class Output:
     def summary(self, *, classifier: Any, model_uri: str, input: str, skipped: dict[str, int], this_run: dict) -> dict:
         """Totals over every part file in OUTPUT (earlier runs included) and this run's speed."""
         parts = [e.path for e in self._parts() if not e.base_name.startswith(".")]
-        tables = [self._read(p, ["path", "label", "error", "unsure"]) for p in parts]
+        tables = [self._read(p, ["path", "label", "error", "unsure", "seen_in_training"]) for p in parts]
         labels = pa.chunked_array([t.column("label") for t in tables], pa.string()) if tables else pa.array([], pa.string())
         errors = pa.chunked_array([t.column("error") for t in tables], pa.string()) if tables else labels
         unsure = pa.chunked_array([t.column("unsure") for t in tables], pa.string()) if tables else labels
+        seen = pa.chunked_array([t.column("seen_in_training") for t in tables], pa.string()) if tables else labels
         counts = {r["values"]: r["counts"] for r in pc.value_counts(pc.drop_null(labels)).to_pylist()}
         error_rows = len(errors) - errors.null_count
         examples: list[dict] = []  # the first few, so that summary.json shows what went wrong
@@ -219,6 +250,8 @@ class Output:
             "rows": len(labels),
             "errors": error_rows,
             "unsure": len(unsure) - unsure.null_count,  # scored, but below --min-score: no label
+            # rows that are near-copies of a training image; null: the model has no training hashes
+            "seen_in_training": len(seen) - seen.null_count if getattr(classifier, "train_hashes", None) is not None else None,
             "counts": {c: counts.get(c, 0) for c in classifier.preprocessing["classes"]},
             "images_per_s": this_run["images_per_s"],
             "model_uri": model_uri,
@@ -236,24 +269,19 @@ class Output:
 
 
 def _csv_ready(table: pa.Table) -> pa.Table:
-    probs = table.column("probabilities").to_pylist()
-    text = ["[" + ",".join(f"{p:.6g}" for p in row) + "]" if row is not None else None for row in probs]
-    index = table.schema.get_field_index("probabilities")
-    return table.set_column(index, "probabilities", pa.array(text, pa.string()))
+    """CSV has no lists: each list column (probabilities, embedding) as a JSON-style array per row."""
+    for index, field in enumerate(table.schema):
+        if pa.types.is_list(field.type):
+            rows = table.column(index).to_pylist()
+            text = ["[" + ",".join(f"{p:.6g}" for p in row) + "]" if row is not None else None for row in rows]
+            table = table.set_column(index, field.name, pa.array(text, pa.string()))
+    return table
 
 
 def error_rows(paths: pa.Array, errors: list[str], model_uri: str) -> pa.Table:
-    """Output rows for files that could not be scored: label, score and probabilities null."""
+    """Output rows for files that could not be scored: every column but path, model_uri and error null."""
     n = len(paths)
-    return pa.table(
-        {
-            "path": paths,
-            "label": pa.nulls(n, pa.string()),
-            "score": pa.nulls(n, pa.float32()),
-            "probabilities": pa.nulls(n, pa.list_(pa.float32())),
-            "model_uri": pa.array([model_uri] * n, pa.string()),
-            "error": pa.array(errors, pa.string()),
-            "unsure": pa.nulls(n, pa.string()),
-        },
-        schema=SCORED_SCHEMA,
+    given = {"path": paths, "model_uri": pa.array([model_uri] * n, pa.string()), "error": pa.array(errors, pa.string())}
+    return pa.Table.from_arrays(
+        [given.get(f.name, pa.nulls(n, f.type)) for f in SCORED_SCHEMA], schema=SCORED_SCHEMA
     )

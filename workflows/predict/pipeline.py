@@ -164,6 +164,17 @@ def decode_chunks(n: int, replicas: int) -> list[tuple[int, int]]:
     return chunks
 
 
+def check_embedding_batch(width: int, batch_size: int) -> None:
+    """A batch's embeddings are one Arrow list array, whose offsets are int32."""
+    if width * batch_size >= 2**31:
+        from workflows.errors import CnnflowError
+
+        raise CnnflowError(
+            f"--embeddings: {width:,} features a row x {batch_size:,} rows a batch pass Arrow's 2**31 values "
+            f"in one list column; pass --batch-size {(2**31 - 1) // width} or less"
+        )
+
+
 # --- the dataset graph ------------------------------------------------------------------
 
 
@@ -175,13 +186,16 @@ def build_dataset(
     output rows; with the pool's plan. Rows scoring below `min_score` are unsure."""
     import ray.data
 
-    from cnn.models import model_state
+    from cnn.models import model_state, split_head
 
     resources = ray.cluster_resources()
     plan = plan_pool(
         config.workers, gpu=config.gpu, cluster_cpus=resources.get("CPU", 1), cluster_gpus=resources.get("GPU", 0)
     )
     size, resize = classifier.preprocessing["image_size"], classifier.preprocessing["resize"]
+    batch_size = config.batch_size or (GPU_BATCH if config.gpu else CPU_BATCH)
+    if config.embeddings:
+        check_embedding_batch(split_head(classifier.model).feature_width, batch_size)
     if inputs.shards:
         ds = read_dataset(inputs.shards, SPLITS, columns=["path", "image"], num_cpus=plan.decode_cpus)
         if len(scored):
@@ -201,9 +215,11 @@ def build_dataset(
             },
         )
     state = ray.put(model_state(classifier.model, classifier.spec))
+    # the training images' hashes, for seen_in_training (None: the model was logged without them)
+    hashes = None if classifier.train_hashes is None else ray.put(classifier.train_hashes)
     ds = ds.map_batches(
         Scorer,
-        batch_size=config.batch_size or (GPU_BATCH if config.gpu else CPU_BATCH),
+        batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=plan.replicas),
         num_cpus=plan.actor_cpus,
@@ -216,6 +232,8 @@ def build_dataset(
             "gpu": config.gpu,
             "precision": config.precision,
             "min_score": min_score,
+            "embeddings": config.embeddings,
+            "train_hashes": hashes,
         },
     )
     # Decoding outruns a CNN on CPU several times over: uncapped, the decoded blocks would

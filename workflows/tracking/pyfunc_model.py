@@ -1,6 +1,6 @@
 """The MLflow model cnnflow logs: a pyfunc that classifies encoded image bytes.
 
-A logged model holds two plain files and no pickled weights:
+A logged model holds two plain files (three with its training hashes) and no pickled weights:
 
     weights.pt          cnn.models.model_state(model, spec): tensors + constructor arguments,
                         loadable with torch.load(weights_only=True)
@@ -13,6 +13,11 @@ A logged model holds two plain files and no pickled weights:
                         and "drift_reference" (training's class shares, validation's score
                         histogram: workflows/predict/drift.py); models without them have no
                         threshold table and no drift figures
+                        and "near_duplicate_distance" (the prep's, bits of 64) with:
+    train_hashes.parquet  the training split's perceptual hashes: `phash` (int64) and
+                        `path`, sorted by phash (data_prep/near_duplicates.py
+                        `training_hashes`), for predict's `seen_in_training`; absent when
+                        the shards had no hashes (format 1) and from models logged before it
 
 `ImageClassifier.predict` takes a DataFrame with an `image` column of encoded bytes (any
 format Pillow reads) and returns `label`, `score`, `probabilities` and `error` (null, or
@@ -48,6 +53,7 @@ LIMITS = Limits.of(DEFAULT_MAX_FILE_MB, DEFAULT_MAX_MEGAPIXELS)
 
 WEIGHTS = "weights.pt"
 PREPROCESSING = "preprocessing.json"
+TRAIN_HASHES = "train_hashes.parquet"
 PREPROCESSING_KEYS = ("classes", "image_size", "resize", "mean", "std")
 
 

@@ -1,7 +1,7 @@
 """Models in MLflow: logged into their run, registered as versions, named by the user, loaded back.
 
 `log_model` logs the pyfunc model of `workflows/tracking/pyfunc_model.py` "from code" (a
-three-line file, no pickle) with its two files; `register_model` makes it a version of a
+three-line file, no pickle) with its two files (and its training hashes); `register_model` makes it a version of a
 registered model, tagged; `champion` and `set_champion` read and move the `champion`
 alias. `resolve_model_uri` turns what a user types (a name, an alias, a version, a run)
 into one models:/NAME/VERSION or an error that lists what exists, and `load_classifier`
@@ -21,6 +21,8 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -35,7 +37,7 @@ from data_prep.redact import redact_uri
 from workflows.config import CHAMPION_ALIAS
 from workflows.errors import CnnflowError
 from workflows.tracking.connection import client, resolved_tracking_uri, retry_locked
-from workflows.tracking.pyfunc_model import PREPROCESSING, WEIGHTS, normalizer, read_model_files
+from workflows.tracking.pyfunc_model import PREPROCESSING, TRAIN_HASHES, WEIGHTS, normalizer, read_model_files
 from workflows.tracking.runs import literal, set_tags
 
 MODEL_NAME = "model"  # the logged model's name inside its run
@@ -69,8 +71,10 @@ def log_model(
     state: dict[str, Any],
     preprocessing: dict[str, Any],
     example_image: bytes | None = None,
+    train_hashes: pa.Table | None = None,
 ) -> str:
-    """Log the pyfunc model into the (active) run; return its model URI for `register_model`."""
+    """Log the pyfunc model into the (active) run; return its model URI for `register_model`.
+    `train_hashes` (phash, path of the training split) goes with it as train_hashes.parquet."""
     active = mlflow.active_run()
     if active is None or active.info.run_id != run_id:
         raise RuntimeError("log_model must run inside the run it logs to (training_run())")
@@ -80,10 +84,14 @@ def log_model(
         prep.write_text(json.dumps(preprocessing, indent=2))
         code = Path(tmp, "classifier.py")
         code.write_text(MODEL_CODE)
+        artifacts = {"weights": str(weights), "preprocessing": str(prep)}
+        if train_hashes is not None:
+            artifacts["train_hashes"] = str(Path(tmp, TRAIN_HASHES))
+            pq.write_table(train_hashes, artifacts["train_hashes"])
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=str(code),
-            artifacts={"weights": str(weights), "preprocessing": str(prep)},
+            artifacts=artifacts,
             signature=SIGNATURE,
             input_example=None if example_image is None else pd.DataFrame({"image": [example_image]}),
             # Pinned here rather than inferred: inference loads the model in a subprocess.
@@ -234,6 +242,7 @@ class Classifier:
     uri: str  # models:/NAME/VERSION
     name: str
     version: int
+    train_hashes: pa.Table | None = None  # the training split's (phash, path); None: logged without
 
     @property
     def classes(self) -> list[str]:
@@ -257,4 +266,5 @@ def load_classifier(model_uri: str) -> Classifier:
         model, spec, preprocessing = read_model_files(
             Path(local, files["weights"]["path"]), Path(local, files["preprocessing"]["path"])
         )
-    return Classifier(model, spec, preprocessing, uri, name, version)
+        hashes = pq.read_table(Path(local, files["train_hashes"]["path"])) if "train_hashes" in files else None
+    return Classifier(model, spec, preprocessing, uri, name, version, hashes)

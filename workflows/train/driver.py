@@ -4,7 +4,8 @@ After `plan`, the driver creates the MLflow run, then runs a `TorchTrainer` over
 Datasets read from the shards (`loop.py` is the per-worker side). After the fit it takes
 the best validation epoch's weights (Ray Train keeps that checkpoint and the latest),
 evaluates them on the whole validation split, fits them a temperature there (their
-scores' calibration), logs the artifacts and the model, registers a new version and,
+scores' calibration), logs the artifacts and the model (with the training split's
+perceptual hashes, for predict's `seen_in_training`), registers a new version and,
 with --promote, moves `champion` if earned. The shards are the run's MLflow dataset
 inputs (workflows/tracking/lineage.py). `cnnflow tune`
 runs the same `train_and_log` once per trial and registers only the best.
@@ -21,6 +22,8 @@ import click
 import torch
 
 from cnn.models import model_from_state
+from data_prep.near_duplicates import training_hashes
+from data_prep.options import DEFAULT_NEAR_DUPLICATE_DISTANCE
 from data_prep.schema import TRAIN, VAL
 from data_prep.shard_reader import read_dataset
 from workflows import tracking
@@ -97,11 +100,17 @@ def train_and_log(
     calibration = calibrate(evaluate(model.eval(), preprocessing, p.data, device=device), p.manifest)
     evaluation = calibration.calibrated
     preprocessing.update(calibration.contract())
+    # The training split's hashes go with the model, so that predict can name the training
+    # image a row is a near-copy of without reading DATA (None: shards without hashes).
+    hashes = training_hashes(p.data, TRAIN)
+    if hashes is not None:
+        rule = p.manifest.get("split_rule") or {}
+        preprocessing["near_duplicate_distance"] = int(rule.get("near_duplicate_distance", DEFAULT_NEAR_DUPLICATE_DISTANCE))
     tracking.set_tags(run_id, {"best_epoch": state["epoch"]})
     log_artifacts(p, run_id, model, evaluation)
     log_calibration(run_id, calibration)
     model_uri = tracking.log_model(
-        run_id, state=state["model"], preprocessing=preprocessing, example_image=example_image(p)
+        run_id, state=state["model"], preprocessing=preprocessing, example_image=example_image(p), train_hashes=hashes
     )
     return Trained(run_id, model_uri, evaluation, int(state["epoch"]))
 
