@@ -122,10 +122,6 @@ def readme_demo_command() -> list[str]:
     return shlex.split(last)
 
 
-def test_readme_demo_command_runs_the_whole_flow(tmp_path: Path) -> None:
-    run_demo_and_check(tmp_path)
-
-
 def run_demo_and_check(tmp_path: Path) -> list[str]:
     """Run the README's demo command in `tmp_path`, check what it did; return the command."""
     command = readme_demo_command()
@@ -162,8 +158,8 @@ def run_demo_and_check(tmp_path: Path) -> list[str]:
     return command
 
 
-@pytest.mark.slow
-def test_a_second_demo_reuses_what_is_done(tmp_path: Path) -> None:
+@pytest.mark.slow  # 95 s of two trainings: CI's second step, not the fast loop
+def test_readme_demo_runs_the_whole_flow_and_a_second_reuses_what_is_done(tmp_path: Path) -> None:
     command = run_demo_and_check(tmp_path)
     again = cnnflow(*command[1:], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": None}, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
