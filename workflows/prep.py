@@ -85,7 +85,11 @@ def print_summary(console: Console, manifest: dict[str, Any], report: dict[str, 
         f"{n['across_splits']} across train/val, {n['across_classes']} across classes"
     )
     for group in [g for g in near["groups"] if g["across_splits"] or g["across_classes"]][:3]:
-        console.print("  " + plain(", ".join(f"{f['path']} ({f['split']}, {f['label']})" for f in group["files"][:4])))
+        # one file per (split, class): the example shows what the group crosses
+        shown: dict[tuple, dict] = {}
+        for f in group["files"]:
+            shown.setdefault((f["split"], f["label"]), f)
+        console.print("  " + plain(", ".join(f"{f['path']} ({f['split']}, {f['label']})" for f in list(shown.values())[:4])))
     for row in report["quarantined"][:5]:
         console.print(f"  [red]quarantined[/] {plain(row['path'])}: {plain(row['reason'])}")
     if len(report["quarantined"]) > 5:
